@@ -1,0 +1,167 @@
+"""mailqd's configuration: one typed object, built once at start-up and passed down.
+
+Sources, later ones winning: the defaults below, a TOML file (`--config PATH`
+or `MAILQD_CONFIG`), the environment (`MAILQD_<KEY>`, e.g. `MAILQD_WORKERS`),
+and command-line flags. A bad value fails with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from mailqd.errors import ConfigError
+
+ENV_PREFIX = "MAILQD_"
+DEFAULT_METRICS_PORT = 9478
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting mailqd has. Field names are the TOML keys; env is MAILQD_<NAME>."""
+
+    database_url: str = "sqlite:///mailqd.db"
+    smtp_url: str = "smtp://127.0.0.1:25"
+    from_address: str = "mailqd@localhost"
+    workers: int = 3
+    concurrency: int = 10
+    metrics_listen: str = f"127.0.0.1:{DEFAULT_METRICS_PORT}"
+    max_attempts: int = 3
+    backoff_base: float = 60.0
+    backoff_factor: float = 2.0
+    backoff_max: float = 3600.0
+    backoff_jitter: float = 0.1
+    rate_limit: float = 0.0
+    lease_seconds: float = 300.0
+    poll_interval: float = 1.0
+    shutdown_timeout: float = 30.0
+    heartbeat_timeout: float = 30.0
+    smtp_timeout: float = 30.0
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    def replace(self, **changes: Any) -> Settings:
+        return _validated(dataclasses.replace(self, **changes))
+
+
+# Names in the file and environment that differ from the attribute name.
+_ALIASES = {"from": "from_address"}
+
+_RULES: dict[str, dict[str, Any]] = {
+    "workers": {"low": 1},
+    "concurrency": {"low": 1},
+    "max_attempts": {"low": 1},
+    "backoff_base": {"low": 0},
+    "backoff_factor": {"low": 1},
+    "backoff_max": {"low": 0},
+    "backoff_jitter": {"low": 0},
+    "rate_limit": {"low": 0},
+    "lease_seconds": {"low": 1},
+    "poll_interval": {"low": 0.01},
+    "shutdown_timeout": {"low": 0},
+    "heartbeat_timeout": {"low": 1},
+    "smtp_timeout": {"low": 0.1},
+    "log_format": {"choices": ("auto", "json", "console")},
+    "log_level": {"choices": ("debug", "info", "warning", "error")},
+}
+
+
+def key_names() -> list[str]:
+    """The public names of all keys (as used in TOML and after MAILQD_)."""
+    reverse = {v: k for k, v in _ALIASES.items()}
+    return [reverse.get(f.name, f.name) for f in fields(Settings)]
+
+
+def load_settings(
+    config_path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from defaults, file, environment and overrides."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    path = config_path or env.get(f"{ENV_PREFIX}CONFIG")
+    if path:
+        raw.update(_read_toml(Path(path)))
+    for public in key_names():
+        value = env.get(ENV_PREFIX + public.upper())
+        if value is not None and value != "":
+            raw[public] = value
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            raw[key] = value
+    return _validated(Settings(**_coerce_all(raw)))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError("config", f"file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
+    section = data.get("mailqd", data)
+    if not isinstance(section, dict):
+        raise ConfigError("config", f"{path}: [mailqd] must be a table")
+    return section
+
+
+def _coerce_all(raw: Mapping[str, Any]) -> dict[str, Any]:
+    types = {f.name: f.type for f in fields(Settings)}
+    known = set(key_names())
+    result: dict[str, Any] = {}
+    for public, value in raw.items():
+        if public not in known:
+            raise ConfigError(public, "unknown key; known keys: " + ", ".join(sorted(known)))
+        name = _ALIASES.get(public, public)
+        result[name] = _coerce(public, value, types[name])
+    return result
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    kind = {"int": int, "float": float, "str": str}[str(type_name)]
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    if isinstance(value, bool):
+        raise ConfigError(key, f"must be a number, got {value!r}")
+    try:
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        return float(value)
+    except (TypeError, ValueError):
+        noun = "a whole number" if kind is int else "a number"
+        raise ConfigError(key, f"must be {noun}, got {value!r}") from None
+
+
+def _validated(settings: Settings) -> Settings:
+    reverse = {v: k for k, v in _ALIASES.items()}
+    for name, rule in _RULES.items():
+        value = getattr(settings, name)
+        public = reverse.get(name, name)
+        if "low" in rule and value < rule["low"]:
+            raise ConfigError(public, f"must be at least {rule['low']}, got {value}")
+        if "choices" in rule and value not in rule["choices"]:
+            raise ConfigError(public, f"must be one of {', '.join(rule['choices'])}, got {value!r}")
+    _check_listen(settings.metrics_listen)
+    if settings.backoff_max < settings.backoff_base:
+        raise ConfigError("backoff_max", "must be at least backoff_base")
+    from mailqd.store.engine import normalize_url
+
+    normalize_url(settings.database_url)
+    return settings
+
+
+def _check_listen(value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("metrics_listen", f"must be HOST:PORT, got {value!r}")

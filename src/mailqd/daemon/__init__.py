@@ -1,0 +1,1 @@
+"""The daemon: a pre-fork supervisor and its delivery workers."""

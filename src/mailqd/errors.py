@@ -1,0 +1,97 @@
+"""One error tree for mailqd.
+
+Every error an operator or an application can meet derives from `MailqError`,
+and its message says what is wrong and, where there is one, what to do.
+Driver errors (SQLAlchemy, psycopg, aiosmtplib) are translated into these at
+the boundary of the layer that speaks to the driver.
+"""
+
+from __future__ import annotations
+
+
+class MailqError(Exception):
+    """Root of every error mailqd raises on purpose."""
+
+
+class ConfigError(MailqError):
+    """A configuration key has a missing, malformed or out-of-range value."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"config {key}: {problem}")
+
+
+class ValidationError(MailqError):
+    """A message handed to mailqd is not acceptable; nothing was written."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+
+class InvalidAddressError(ValidationError):
+    """An e-mail address is malformed or too long."""
+
+
+class HeaderInjectionError(ValidationError):
+    """A subject, address or header holds CR, LF or NUL."""
+
+
+class MissingContentError(ValidationError):
+    """A message has neither body, html nor template."""
+
+
+class StoreError(MailqError):
+    """The queue database cannot be used."""
+
+
+class DatabaseUnavailableError(StoreError):
+    """The database does not answer (down, unreachable, refused the login)."""
+
+
+class SchemaError(StoreError):
+    """The database schema is missing or at another version than this mailqd."""
+
+
+class JobNotFoundError(StoreError):
+    """No job has the given id."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        super().__init__(f"no job with id {job_id}")
+
+
+class JobStateError(StoreError):
+    """The job exists but is not in a state that allows the operation."""
+
+    def __init__(self, job_id: str, status: str, operation: str) -> None:
+        self.job_id = job_id
+        self.status = status
+        super().__init__(f"cannot {operation} job {job_id}: it is {status}")
+
+
+class DeliveryError(MailqError):
+    """A message could not be handed to the mail server on this attempt.
+
+    `smtp_code`/`smtp_text` carry the server's reply when there was one.
+    Subclasses say what the daemon does next.
+    """
+
+    def __init__(self, message: str, smtp_code: int | None = None, smtp_text: str | None = None):
+        self.smtp_code = smtp_code
+        self.smtp_text = smtp_text
+        super().__init__(message)
+
+
+class TransientDeliveryError(DeliveryError):
+    """4xx reply, timeout or connection error: retry later with backoff."""
+
+
+class PermanentDeliveryError(DeliveryError):
+    """5xx reply or a message that can never be sent: fail the job now."""
+
+
+class AmbiguousDeliveryError(TransientDeliveryError):
+    """The server took the data but its final reply never came: retry, same Message-ID."""

@@ -1,0 +1,130 @@
+"""The plain data that crosses layers: jobs, attempts and queue counts.
+
+These are what the store returns and what the client, daemon and CLI pass
+around; none of them knows about SQL or SMTP.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+class Status(enum.StrEnum):
+    """Where a job is in its life. The values are what the `status` column holds."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED_STATUSES = (Status.SENT, Status.FAILED, Status.CANCELLED)
+
+
+class Outcome(enum.StrEnum):
+    """The result of one delivery attempt, as kept in the attempts table."""
+
+    SENT = "sent"
+    RETRY = "retry"  # transient failure; rescheduled
+    FAILED = "failed"  # permanent failure, or the last allowed attempt failed
+    AMBIGUOUS = "ambiguous"  # no reply to the end of DATA; retried (at-least-once)
+    EXPIRED = "expired"  # past expires_at; not sent
+    LOST = "lost"  # the worker holding the job died; its lease was rescued
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A validated message, ready to be written. Built by `mailqd.validation`."""
+
+    id: str
+    recipient_to: str
+    subject: str
+    body: str | None = None
+    html: str | None = None
+    template_id: str | None = None
+    variables: dict[str, Any] | None = None
+    cc: str | None = None
+    bcc: str | None = None
+    reply_to: str | None = None
+    from_address: str | None = None
+    headers: dict[str, str] | None = None
+    priority: int = 0
+    send_after: datetime | None = None
+    expires_at: datetime | None = None
+    max_attempts: int | None = None
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One row of `email_queue`, as read back from the store.
+
+    `variables` and `headers` are what the column held: normally a dict, but a
+    row written by plain SQL may hold anything, which the daemon checks.
+    """
+
+    id: str
+    recipient_to: str
+    subject: str
+    body: str | None
+    html: str | None
+    template_id: str | None
+    variables: Any
+    cc: str | None
+    bcc: str | None
+    reply_to: str | None
+    from_address: str | None
+    headers: Any
+    status: Status
+    priority: int
+    attempts: int
+    max_attempts: int | None
+    last_error: str | None
+    next_attempt_at: datetime
+    expires_at: datetime | None
+    idempotency_key: str | None
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    message_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One delivery attempt of a job, for troubleshooting."""
+
+    job_id: str
+    attempt: int
+    started_at: datetime
+    duration_seconds: float
+    outcome: Outcome
+    smtp_code: int | None = None
+    smtp_text: str | None = None
+    worker: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueCounts:
+    """How many jobs are in each status, and how late the oldest due job is."""
+
+    by_status: dict[Status, int] = field(default_factory=dict)
+    oldest_due_age_seconds: float | None = None
+
+    @property
+    def pending(self) -> int:
+        return self.by_status.get(Status.PENDING, 0)
+
+    @property
+    def sending(self) -> int:
+        return self.by_status.get(Status.SENDING, 0)
+
+    @property
+    def depth(self) -> int:
+        """Jobs not yet finished: what is waiting plus what is being sent."""
+        return self.pending + self.sending

@@ -1,0 +1,73 @@
+"""Engines for the two supported databases, set up the way the queue needs them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from mailqd.errors import ConfigError
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def normalize_url(url: str) -> sa.URL:
+    """Accept `postgresql://`, `postgresql+psycopg://` and `sqlite:///path`."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigError("database_url", f"not a database URL: {_mask(url)!r}") from None
+    if parsed.get_backend_name() == "postgresql":
+        if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
+            return parsed.set(drivername="postgresql+psycopg")
+        raise ConfigError(
+            "database_url", f"driver {parsed.drivername!r} is not supported; use postgresql://"
+        )
+    if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
+        return parsed
+    raise ConfigError(
+        "database_url",
+        f"{parsed.drivername!r} is not supported; use postgresql://… or sqlite:///path",
+    )
+
+
+def _mask(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparsable>"
+
+
+def make_engine(url: str, **kwargs: Any) -> sa.Engine:
+    """Create an engine; on SQLite, one that takes the write lock at BEGIN.
+
+    SQLite serialises writers; taking the lock up front (`BEGIN IMMEDIATE`)
+    makes the read-then-update of a claim atomic across processes and avoids
+    the deadlock of two readers both trying to upgrade.
+    """
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        kwargs.setdefault("pool_pre_ping", True)
+        kwargs.setdefault("pool_size", 5)
+        return sa.create_engine(parsed, **kwargs)
+    engine = sa.create_engine(parsed, **kwargs)
+    _configure_sqlite(engine)
+    return engine
+
+
+def _configure_sqlite(engine: sa.Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")

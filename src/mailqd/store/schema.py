@@ -1,0 +1,265 @@
+"""The tables, and the few SQL constructs that differ between PostgreSQL and SQLite.
+
+The Table objects describe the schema at the newest migration; the migrations
+under `migrations/versions/` create it (a test checks the two agree).
+Timestamps are UTC everywhere. On PostgreSQL they are `timestamptz`; SQLite
+has no date type, so they are stored as `YYYY-MM-DD HH:MM:SS.SSS` text in UTC,
+the format SQLite's own `strftime('%Y-%m-%d %H:%M:%f')` gives, so that the
+column defaults written by SQLite and the values written by mailqd compare
+correctly as text.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
+
+NOTIFY_CHANNEL = "mailqd_jobs"
+"""PostgreSQL channel that is NOTIFYed (payload: the job id) when a pending job is inserted."""
+
+STATUSES = ("pending", "sending", "sent", "failed", "cancelled")
+_SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on both databases."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(sa.String(32))
+        return dialect.type_descriptor(sa.DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use an aware (UTC) datetime")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.strftime(_SQLITE_TIME_FORMAT)[:-3]  # milliseconds, like strftime('%f')
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        assert isinstance(value, datetime)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class JSONValue(sa.TypeDecorator[Any]):
+    """JSON: `jsonb` on PostgreSQL, text on SQLite.
+
+    On SQLite a row written by plain SQL may hold text that is not JSON; it is
+    returned as the raw string rather than raising, so that one bad row fails
+    alone (the daemon checks the type) instead of breaking a whole claim.
+    """
+
+    impl = sa.Text
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.JSONB())
+        return dialect.type_descriptor(sa.Text())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None or dialect.name == "postgresql":
+            return value
+        import json
+
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if value is None or not isinstance(value, str) or dialect.name == "postgresql":
+            return value
+        import json
+
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+
+
+class utcnow(FunctionElement[datetime]):
+    """The database's current UTC time, in the column format of `UTCDateTime`."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(utcnow, "postgresql")
+def _utcnow_pg(element: utcnow, compiler: SQLCompiler, **kw: Any) -> str:
+    return "now()"
+
+
+@compiles(utcnow, "sqlite")
+def _utcnow_sqlite(element: utcnow, compiler: SQLCompiler, **kw: Any) -> str:
+    return "(strftime('%Y-%m-%d %H:%M:%f', 'now'))"
+
+
+class add_seconds(FunctionElement[datetime]):
+    """`timestamp + seconds`, where seconds may be a bound number or a column."""
+
+    type = UTCDateTime()
+    inherit_cache = True
+
+
+@compiles(add_seconds, "postgresql")
+def _add_seconds_pg(element: add_seconds, compiler: SQLCompiler, **kw: Any) -> str:
+    when, seconds = list(element.clauses)
+    return (
+        f"({compiler.process(when, **kw)} + "
+        f"make_interval(secs => CAST({compiler.process(seconds, **kw)} AS double precision)))"
+    )
+
+
+@compiles(add_seconds, "sqlite")
+def _add_seconds_sqlite(element: add_seconds, compiler: SQLCompiler, **kw: Any) -> str:
+    when, seconds = list(element.clauses)
+    return (
+        f"strftime('%Y-%m-%d %H:%M:%f', {compiler.process(when, **kw)}, "
+        f"CAST({compiler.process(seconds, **kw)} AS REAL) || ' seconds')"
+    )
+
+
+class seconds_between(FunctionElement[float]):
+    """`later - earlier` in seconds, as a float."""
+
+    type = sa.Float()
+    inherit_cache = True
+
+
+@compiles(seconds_between, "postgresql")
+def _seconds_between_pg(element: seconds_between, compiler: SQLCompiler, **kw: Any) -> str:
+    later, earlier = list(element.clauses)
+    return (
+        f"EXTRACT(EPOCH FROM ({compiler.process(later, **kw)} - "
+        f"{compiler.process(earlier, **kw)}))::float8"
+    )
+
+
+@compiles(seconds_between, "sqlite")
+def _seconds_between_sqlite(element: seconds_between, compiler: SQLCompiler, **kw: Any) -> str:
+    later, earlier = list(element.clauses)
+    return (
+        f"((julianday({compiler.process(later, **kw)}) - "
+        f"julianday({compiler.process(earlier, **kw)})) * 86400.0)"
+    )
+
+
+class new_uuid(FunctionElement[str]):
+    """A random UUID as text, so that a plain SQL INSERT gets an id."""
+
+    type = sa.String()
+    inherit_cache = True
+
+
+@compiles(new_uuid, "postgresql")
+def _new_uuid_pg(element: new_uuid, compiler: SQLCompiler, **kw: Any) -> str:
+    return "(gen_random_uuid()::text)"
+
+
+@compiles(new_uuid, "sqlite")
+def _new_uuid_sqlite(element: new_uuid, compiler: SQLCompiler, **kw: Any) -> str:
+    # A version-4 UUID from randomblob, laid out 8-4-4-4-12.
+    return (
+        "(lower(hex(randomblob(4)) || '-' || hex(randomblob(2)) || '-4' || "
+        "substr(hex(randomblob(2)), 2) || '-' || substr('89ab', 1 + (abs(random()) % 4), 1) || "
+        "substr(hex(randomblob(2)), 2) || '-' || hex(randomblob(6))))"
+    )
+
+
+metadata = sa.MetaData()
+
+email_queue = sa.Table(
+    "email_queue",
+    metadata,
+    # The seed's columns, names kept.
+    sa.Column("id", sa.String(64), primary_key=True, server_default=new_uuid()),
+    sa.Column("recipient_to", sa.Text, nullable=False),
+    sa.Column("subject", sa.Text, nullable=False, server_default=""),
+    sa.Column("body", sa.Text),
+    sa.Column("html", sa.Text),
+    sa.Column("template_id", sa.String(200)),
+    sa.Column("variables", JSONValue),
+    sa.Column("status", sa.String(16), nullable=False, server_default="pending"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text),
+    sa.Column("created_at", UTCDateTime, nullable=False, server_default=utcnow()),
+    sa.Column("updated_at", UTCDateTime, nullable=False, server_default=utcnow()),
+    # What delivery needs; every one has a default so plain SQL can enqueue.
+    sa.Column("cc", sa.Text),
+    sa.Column("bcc", sa.Text),
+    sa.Column("reply_to", sa.Text),
+    sa.Column("from_address", sa.Text),
+    sa.Column("headers", JSONValue),
+    sa.Column("priority", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", UTCDateTime, nullable=False, server_default=utcnow()),
+    sa.Column("expires_at", UTCDateTime),
+    sa.Column("max_attempts", sa.Integer),
+    sa.Column("idempotency_key", sa.String(255)),
+    sa.Column("lease_owner", sa.String(255)),
+    sa.Column("lease_expires_at", UTCDateTime),
+    sa.Column("message_id", sa.Text),
+    sa.Column("sent_at", UTCDateTime),
+    sa.CheckConstraint(
+        "status IN ('pending', 'sending', 'sent', 'failed', 'cancelled')",
+        name="ck_email_queue_status",
+    ),
+    sa.UniqueConstraint("idempotency_key", name="uq_email_queue_idempotency_key"),
+)
+
+# The claim reads only pending rows, in claim order; a partial index keeps it
+# independent of how many finished rows the table holds.
+sa.Index(
+    "ix_email_queue_claim",
+    email_queue.c.priority.desc(),
+    email_queue.c.next_attempt_at,
+    email_queue.c.id,
+    postgresql_where=email_queue.c.status == "pending",
+    sqlite_where=email_queue.c.status == "pending",
+)
+# The rescuer looks for expired leases among the few rows being sent.
+sa.Index(
+    "ix_email_queue_lease",
+    email_queue.c.lease_expires_at,
+    postgresql_where=email_queue.c.status == "sending",
+    sqlite_where=email_queue.c.status == "sending",
+)
+# Stats, `failed` listings and cleanup go by status, then age.
+sa.Index("ix_email_queue_status_updated", email_queue.c.status, email_queue.c.updated_at)
+
+email_attempts = sa.Table(
+    "email_attempts",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("job_id", sa.String(64), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("duration_seconds", sa.Float, nullable=False, server_default="0"),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("smtp_code", sa.Integer),
+    sa.Column("smtp_text", sa.Text),
+    sa.Column("worker", sa.String(255)),
+)
+sa.Index("ix_email_attempts_job", email_attempts.c.job_id, email_attempts.c.attempt)
+sa.Index("ix_email_attempts_started", email_attempts.c.started_at)

@@ -1,0 +1,257 @@
+"""Checks a message before anything is written, and turns it into a `NewJob`.
+
+Every entry point (the client library, `mailqctl enqueue`) goes through
+`build_job`, so a message is judged by one set of rules. A bad message raises
+a `mailqd.errors.ValidationError` subclass naming the field and the problem.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from email.utils import formataddr, getaddresses
+from functools import lru_cache
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+
+from mailqd.errors import (
+    HeaderInjectionError,
+    InvalidAddressError,
+    MissingContentError,
+    ValidationError,
+)
+from mailqd.models import NewJob
+
+Recipients = str | Iterable[str] | None
+
+# Headers that mailqd writes itself from the job's fields; a caller may not
+# set them through `headers=`, or the message would contradict its envelope.
+RESERVED_HEADERS = frozenset(
+    {
+        "from",
+        "to",
+        "cc",
+        "bcc",
+        "reply-to",
+        "subject",
+        "date",
+        "message-id",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+    }
+)
+
+_FORBIDDEN_CHARS = re.compile(r"[\r\n\x00]")
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")  # printable ASCII except ':' (RFC 5322 ftext)
+# A plain ASCII dot-atom address, the overwhelmingly common case, checked
+# without the cost of the full validator.
+_SIMPLE_ADDRESS = re.compile(
+    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
+)
+_NEEDS_FULL_PARSE = re.compile(r"[<>\"()\\]")
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size limits on what may be queued. Defaults suit transactional mail."""
+
+    max_recipients: int = 100
+    max_address_length: int = 254  # RFC 5321 path limit
+    max_subject_length: int = 998  # one RFC 5322 line
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_header_count: int = 50
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def check_no_injection(field: str, value: str) -> None:
+    """Refuse CR, LF and NUL, which would let a value start a new header."""
+    if _FORBIDDEN_CHARS.search(value):
+        raise HeaderInjectionError(field, "must not contain CR, LF or NUL characters")
+
+
+@lru_cache(maxsize=65536)
+def _check_addr_spec(addr: str) -> str:
+    if _SIMPLE_ADDRESS.match(addr):
+        return addr
+    try:
+        return validate_email(addr, check_deliverability=False, allow_smtputf8=True).normalized
+    except EmailNotValidError as exc:
+        raise InvalidAddressError(
+            "address", f"{addr!r} is not a valid e-mail address: {exc}"
+        ) from None
+
+
+def parse_addresses(field: str, value: Recipients, limits: Limits = DEFAULT_LIMITS) -> list[str]:
+    """Split and check a comma-separated string or a list of addresses.
+
+    Returns each address normalised as `addr` or `Display Name <addr>`.
+    """
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    result: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise InvalidAddressError(field, f"expected strings, got {type(item).__name__}")
+        check_no_injection(field, item)
+        result.extend(_parse_one_field(field, item, limits))
+    return result
+
+
+def _parse_one_field(field: str, text: str, limits: Limits) -> list[str]:
+    if not _NEEDS_FULL_PARSE.search(text):
+        pairs = [("", part.strip()) for part in text.split(",") if part.strip()]
+    else:
+        pairs = getaddresses([text])
+        if any(not addr for _, addr in pairs):
+            raise InvalidAddressError(field, f"cannot parse addresses from {text!r}")
+    out = []
+    for name, addr in pairs:
+        if len(addr) > limits.max_address_length:
+            raise InvalidAddressError(
+                field, f"address longer than {limits.max_address_length} characters"
+            )
+        try:
+            normal = _check_addr_spec(addr)
+        except InvalidAddressError as exc:
+            raise InvalidAddressError(field, exc.problem) from None
+        out.append(formataddr((name, normal)) if name else normal)
+    return out
+
+
+def _check_headers(headers: Mapping[str, str] | None, limits: Limits) -> dict[str, str] | None:
+    if not headers:
+        return None
+    if not isinstance(headers, Mapping):
+        raise ValidationError("headers", "must be a mapping of header name to value")
+    if len(headers) > limits.max_header_count:
+        raise ValidationError("headers", f"more than {limits.max_header_count} extra headers")
+    checked: dict[str, str] = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ValidationError("headers", "names and values must be strings")
+        check_no_injection(f"header name {name!r}", name)
+        check_no_injection(f"header {name}", value)
+        if not _HEADER_NAME.match(name):
+            raise ValidationError("headers", f"{name!r} is not a valid header name")
+        if name.lower() in RESERVED_HEADERS:
+            raise ValidationError(
+                "headers", f"{name} is set by mailqd from the job's fields; use the argument"
+            )
+        checked[name] = value
+    return checked
+
+
+def _check_datetime(field: str, value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime):
+        raise ValidationError(field, "must be a datetime")
+    if value.tzinfo is None:
+        raise ValidationError(field, "must be timezone-aware (e.g. datetime.now(UTC))")
+    return value
+
+
+def _check_text(field: str, value: str | None, max_bytes: int) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise ValidationError(field, "must not contain NUL characters")
+    if len(value) > max_bytes or len(value.encode("utf-8")) > max_bytes:
+        raise ValidationError(field, f"larger than {max_bytes} bytes")
+    return value
+
+
+def build_job(
+    to: Recipients,
+    subject: str,
+    body: str | None = None,
+    html: str | None = None,
+    *,
+    template_id: str | None = None,
+    variables: Mapping[str, Any] | None = None,
+    cc: Recipients = None,
+    bcc: Recipients = None,
+    reply_to: str | None = None,
+    from_address: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    priority: int = 0,
+    send_after: datetime | None = None,
+    expires_at: datetime | None = None,
+    max_attempts: int | None = None,
+    idempotency_key: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> NewJob:
+    """Check one message and return it as a `NewJob` with a fresh id."""
+    to_list = parse_addresses("to", to, limits)
+    cc_list = parse_addresses("cc", cc, limits)
+    bcc_list = parse_addresses("bcc", bcc, limits)
+    if not to_list:
+        raise InvalidAddressError("to", "at least one recipient is required")
+    if len(to_list) + len(cc_list) + len(bcc_list) > limits.max_recipients:
+        raise ValidationError("to", f"more than {limits.max_recipients} recipients in all")
+    reply_list = parse_addresses("reply_to", reply_to, limits)
+    from_list = parse_addresses("from_address", from_address, limits)
+    if len(from_list) > 1:
+        raise InvalidAddressError("from_address", "exactly one sender address is allowed")
+
+    if not isinstance(subject, str):
+        raise ValidationError("subject", f"must be a string, got {type(subject).__name__}")
+    check_no_injection("subject", subject)
+    if len(subject) > limits.max_subject_length:
+        raise ValidationError("subject", f"longer than {limits.max_subject_length} characters")
+    body = _check_text("body", body, limits.max_body_bytes)
+    html = _check_text("html", html, limits.max_body_bytes)
+    if template_id is not None:
+        check_no_injection("template_id", template_id)
+    if not (body or html or template_id):
+        raise MissingContentError("body", "one of body, html or template_id is required")
+    if variables is not None and not isinstance(variables, Mapping):
+        raise ValidationError("variables", "must be a mapping of names to values")
+
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValidationError("priority", "must be an integer (higher is sent first)")
+    if not -1000 <= priority <= 1000:
+        raise ValidationError("priority", "must be between -1000 and 1000")
+    if max_attempts is not None and (
+        isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1
+    ):
+        raise ValidationError("max_attempts", "must be a positive integer")
+    if idempotency_key is not None and (
+        not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 255
+    ):
+        raise ValidationError("idempotency_key", "must be a string of 1 to 255 characters")
+    send_after = _check_datetime("send_after", send_after)
+    expires_at = _check_datetime("expires_at", expires_at)
+    if send_after and expires_at and expires_at <= send_after:
+        raise ValidationError("expires_at", "must be later than send_after")
+
+    return NewJob(
+        id=str(uuid.uuid4()),
+        recipient_to=", ".join(to_list),
+        subject=subject,
+        body=body,
+        html=html,
+        template_id=template_id,
+        variables=dict(variables) if variables is not None else None,
+        cc=", ".join(cc_list) or None,
+        bcc=", ".join(bcc_list) or None,
+        reply_to=", ".join(reply_list) or None,
+        from_address=from_list[0] if from_list else None,
+        headers=_check_headers(headers, limits),
+        priority=priority,
+        send_after=send_after,
+        expires_at=expires_at,
+        max_attempts=max_attempts,
+        idempotency_key=idempotency_key,
+    )
