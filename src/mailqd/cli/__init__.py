@@ -1,0 +1,1 @@
+"""Command-line entry points: `mailqd` (the daemon) and `mailqctl` (the operator CLI)."""
