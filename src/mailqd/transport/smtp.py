@@ -1,0 +1,303 @@
+"""SMTP delivery over one kept-open aiosmtplib connection, with every failure classified.
+
+The daemon only needs to know what to do next, so every aiosmtplib or
+network error is translated here into one of:
+
+- `TransientDeliveryError`: retry later. 4xx replies, timeouts, refused or
+  dropped connections, and any failure while setting the connection up
+  (greeting, EHLO, STARTTLS, AUTH), even with a 5xx code: those are about the
+  server or our configuration, not about this message.
+- `PermanentDeliveryError`: a 5xx reply to MAIL, RCPT (every recipient) or
+  DATA. The job fails at once.
+- `AmbiguousDeliveryError`: the message content, up to the final `.`, was
+  handed to the socket, but the reply to it never came (timeout, disconnect,
+  garbage). The server may have queued the message; it will be sent again
+  with the same Message-ID so the receiver can de-duplicate.
+
+To know which step failed, the transaction is driven step by step (MAIL,
+RCPT per recipient, DATA) rather than through `SMTP.sendmail`, and the
+message content is written by this module, right after the server's 354, so
+the point after which a failure is ambiguous is known exactly.
+
+One `SmtpTransport` holds one `aiosmtplib.SMTP` client and is meant for one
+delivery slot: it does not lock, so concurrent `send` calls on the same
+instance are not supported. The connection is opened on first use, reused
+for the next messages, and dropped after any error, so the next send
+reconnects. A send that fails at its first command on a reused connection
+(the server closed it while idle, or answered 421) is retried once on a
+fresh connection, since nothing was handed over yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import re
+import ssl
+
+import aiosmtplib
+from aiosmtplib import (
+    SMTPException,
+    SMTPHeloError,
+    SMTPRecipientRefused,
+    SMTPResponse,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+    SMTPTimeoutError,
+)
+
+from mailqd.compose import OutgoingMessage
+from mailqd.errors import (
+    AmbiguousDeliveryError,
+    DeliveryError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+)
+from mailqd.transport.base import SendResult
+from mailqd.transport.settings import SmtpSettings, StartTLS
+
+__all__ = ["SmtpTransport"]
+
+SERVICE_CLOSING = 421  # RFC 5321: the server is shutting this connection down
+
+_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
+_LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
+
+
+class _Phase(enum.Enum):
+    """The step of the SMTP dialogue in progress, which decides how a failure is read."""
+
+    CONNECT = "connect"
+    STARTTLS = "STARTTLS"
+    AUTH = "AUTH"
+    MAIL = "MAIL FROM"
+    RCPT = "RCPT TO"
+    DATA = "DATA"
+    DATA_SENT = "end of DATA"
+
+    @property
+    def is_setup(self) -> bool:
+        return self in (_Phase.CONNECT, _Phase.STARTTLS, _Phase.AUTH)
+
+
+class SmtpTransport:
+    """Sends messages to one SMTP server over one reused connection (see module doc)."""
+
+    def __init__(self, settings: SmtpSettings) -> None:
+        self._settings = settings
+        self._server = f"{settings.host}:{settings.port}"
+        self._phase = _Phase.CONNECT
+        self._client = aiosmtplib.SMTP(
+            hostname=settings.host,
+            port=settings.port,
+            use_tls=settings.implicit_tls,
+            start_tls=False,  # negotiated in _open, where the policy is applied
+            validate_certs=settings.tls_verify,
+            timeout=settings.timeouts.command,
+            local_hostname=settings.local_hostname,
+        )
+
+    def __repr__(self) -> str:
+        return f"SmtpTransport({self._settings.redacted_url()!r})"
+
+    @property
+    def settings(self) -> SmtpSettings:
+        return self._settings
+
+    @property
+    def is_connected(self) -> bool:
+        return self._client.is_connected
+
+    async def send(self, message: OutgoingMessage) -> SendResult:
+        """Deliver one message; raise a `DeliveryError` subclass saying what to do if not."""
+        if not message.recipients:
+            raise PermanentDeliveryError("the message has no envelope recipients")
+        reused = self._client.is_connected
+        try:
+            return await self._deliver(message)
+        except TransientDeliveryError as exc:
+            if not (reused and self._phase is _Phase.MAIL and _is_stale(exc.__cause__)):
+                raise
+        return await self._deliver(message)
+
+    async def close(self) -> None:
+        """Say QUIT if connected (best effort), then drop the connection."""
+        if self._client.is_connected:
+            with contextlib.suppress(SMTPException, OSError):
+                await self._client.quit(timeout=self._settings.timeouts.command)
+        self._client.close()
+
+    async def _deliver(self, message: OutgoingMessage) -> SendResult:
+        self._phase = _Phase.CONNECT
+        try:
+            if not self._client.is_connected:
+                await self._open()
+            payload = _data_payload(message.data)
+            self._phase = _Phase.MAIL
+            await self._client.mail(
+                message.sender,
+                options=self._mail_options(payload),
+                timeout=self._settings.timeouts.command,
+            )
+            self._phase = _Phase.RCPT
+            refused = await self._send_recipients(message.recipients)
+            self._phase = _Phase.DATA
+            reply = await self._send_data(payload)
+        except BaseException as exc:
+            self._client.close()
+            if isinstance(exc, Exception) and not isinstance(exc, DeliveryError):
+                raise self._translate(exc) from exc
+            raise
+        return SendResult(smtp_code=reply.code, smtp_text=reply.message, refused=refused)
+
+    async def _open(self) -> None:
+        """Connect, greet, apply the STARTTLS policy, and log in if configured."""
+        settings = self._settings
+        await self._client.connect(timeout=settings.timeouts.connect)
+        await self._greet()
+        if not settings.implicit_tls and settings.starttls is not StartTLS.OFF:
+            await self._start_tls()
+        if settings.username is not None:
+            self._phase = _Phase.AUTH
+            if not self._tls_active() and settings.starttls is not StartTLS.OFF:
+                raise TransientDeliveryError(
+                    f"SMTP {self._server}: refusing to send the SMTP password over an "
+                    "unencrypted connection (the server offered no STARTTLS); use smtps://, "
+                    "enable STARTTLS on the server, or set starttls=off to allow it"
+                )
+            await self._client.login(
+                settings.username, settings.password or "", timeout=settings.timeouts.command
+            )
+
+    async def _greet(self) -> None:
+        try:
+            await self._client.ehlo()
+        except SMTPHeloError:
+            await self._client.helo()
+
+    async def _start_tls(self) -> None:
+        self._phase = _Phase.STARTTLS
+        if self._client.supports_extension("starttls"):
+            await self._client.starttls(timeout=self._settings.timeouts.connect)
+            await self._greet()  # RFC 3207: forget what was learnt before TLS
+        elif self._settings.starttls is StartTLS.REQUIRED:
+            raise TransientDeliveryError(
+                f"SMTP {self._server}: the server does not offer STARTTLS, and the SMTP URL "
+                "requires it (starttls=required)"
+            )
+
+    def _tls_active(self) -> bool:
+        return self._client.get_transport_info("sslcontext") is not None
+
+    def _mail_options(self, payload: bytes) -> list[str]:
+        options = []
+        if self._client.supports_extension("size"):
+            options.append(f"SIZE={len(payload)}")
+        if not payload.isascii() and self._client.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        return options
+
+    async def _send_recipients(self, recipients: tuple[str, ...]) -> dict[str, tuple[int, str]]:
+        """RCPT each recipient; collect refusals, and raise only if all were refused."""
+        refused: dict[str, tuple[int, str]] = {}
+        for recipient in recipients:
+            try:
+                await self._client.rcpt(recipient, timeout=self._settings.timeouts.command)
+            except SMTPRecipientRefused as exc:
+                if exc.code == SERVICE_CLOSING:
+                    raise  # the whole session is over, not just this recipient
+                refused[recipient] = (exc.code, exc.message)
+        if len(refused) == len(recipients):
+            raise self._all_refused(refused)
+        return refused
+
+    async def _send_data(self, payload: bytes) -> SMTPResponse:
+        """DATA, then the content; from the moment it is written, failures are ambiguous.
+
+        The content is written here rather than by `SMTP.data`, which does
+        both steps in one call and so cannot tell a refused DATA command from
+        a lost reply to the content.
+        """
+        reply = await self._client.execute_command(b"DATA", timeout=self._settings.timeouts.command)
+        if reply.code != 354:
+            raise SMTPResponseException(reply.code, reply.message)
+        protocol = self._client.protocol
+        if protocol is None:
+            raise SMTPServerDisconnected("Connection lost")
+        protocol.write(payload)
+        self._phase = _Phase.DATA_SENT
+        reply = await protocol.read_response(timeout=self._settings.timeouts.data)
+        if not 200 <= reply.code < 300:
+            raise SMTPResponseException(reply.code, reply.message)
+        return reply
+
+    def _all_refused(self, refused: dict[str, tuple[int, str]]) -> DeliveryError:
+        """Every RCPT refused: permanent only if every refusal was permanent (5xx)."""
+        replies = list(refused.values())
+        temporary = [reply for reply in replies if not 500 <= reply[0] < 600]
+        code, text = (temporary or replies)[0]
+        error = TransientDeliveryError if temporary else PermanentDeliveryError
+        kind = "some temporarily" if temporary else "permanently"
+        return error(
+            f"SMTP {self._server}: all {len(replies)} recipient(s) refused, {kind}: {code} {text}",
+            code,
+            text,
+        )
+
+    def _translate(self, exc: Exception) -> DeliveryError:
+        """Map an aiosmtplib, TLS or socket error to what the daemon should do next."""
+        phase = self._phase
+        code, text = _reply(exc)
+        detail = _describe(exc)
+        if phase is _Phase.DATA_SENT and code is None:
+            return AmbiguousDeliveryError(
+                f"SMTP {self._server}: no reply to the end of DATA ({detail}); the server "
+                "may have accepted the message; retry it with the same Message-ID so the "
+                "receiver can de-duplicate"
+            )
+        where = f"SMTP {self._server}: {phase.value} failed: {detail}"
+        if code is not None and code >= 500 and not phase.is_setup:
+            return PermanentDeliveryError(where, code, text)
+        if isinstance(exc, ValueError) and not phase.is_setup:
+            return PermanentDeliveryError(f"SMTP {self._server}: message refused locally: {exc}")
+        return TransientDeliveryError(where, code, text)
+
+
+def _reply(exc: Exception) -> tuple[int | None, str | None]:
+    """The server's reply carried by an exception, if it was a real SMTP reply."""
+    if isinstance(exc, SMTPResponseException) and 200 <= exc.code < 600:
+        return exc.code, exc.message
+    return None, None
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, SMTPResponseException):
+        return f"{exc.code} {exc.message}"
+    if isinstance(exc, SMTPTimeoutError):
+        return f"timed out ({exc.message})"
+    if isinstance(exc, SMTPServerDisconnected):
+        return f"connection closed ({exc.message})"
+    if isinstance(exc, SMTPException):
+        return exc.message
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted ({exc.verify_message}); tls_verify=false skips this"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _is_stale(cause: BaseException | None) -> bool:
+    """Whether a first-command failure means the reused connection was already dead."""
+    if isinstance(cause, SMTPResponseException):
+        return cause.code == SERVICE_CLOSING
+    return isinstance(cause, ConnectionError)
+
+
+def _data_payload(data: bytes) -> bytes:
+    """The DATA content as sent: CRLF line endings, dot-stuffed, ending in `.` CRLF."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+        data = _LINE_ENDING.sub(b"\r\n", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if data.startswith(b".") or b"\n." in data:
+        data = _LEADING_DOT.sub(b"..", data)
+    return data + b".\r\n"
