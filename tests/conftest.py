@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon_process import DaemonPool
 from mailqd.store import Store, upgrade
 from mailqd.store.engine import make_engine
 from pg import (
@@ -116,3 +117,18 @@ def unmigrated_store(
     store = Store.from_url(url)
     yield store
     store.close()
+
+
+# --- daemon processes (supervisor) ---
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[DaemonPool]:
+    """Start `mailqd` (or the supervisor with a stand-in worker) as subprocesses.
+
+    ``daemons.mailqd(env, args)`` / ``daemons.supervisor(env, "standin_workers:hung")``;
+    every process group started is SIGKILLed at teardown, whatever the test did.
+    """
+    pool = DaemonPool(tmp_path)
+    yield pool
+    pool.close()

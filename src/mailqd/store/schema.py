@@ -263,3 +263,16 @@ email_attempts = sa.Table(
 )
 sa.Index("ix_email_attempts_job", email_attempts.c.job_id, email_attempts.c.attempt)
 sa.Index("ix_email_attempts_started", email_attempts.c.started_at)
+
+# One token bucket per row, shared by every worker of every daemon on this
+# database. Time is kept as epoch seconds (float), not as a UTCDateTime,
+# because refills need sub-millisecond arithmetic in both databases.
+rate_limit = sa.Table(
+    "mailqd_rate_limit",
+    metadata,
+    sa.Column("name", sa.String(200), primary_key=True),
+    sa.Column("tokens", sa.Float, nullable=False),
+    sa.Column("refilled_at", sa.Float, nullable=False),
+    # Size of the grant made by the last take: what the take's RETURNING reports.
+    sa.Column("granted", sa.Integer, nullable=False, server_default="0"),
+)

@@ -1,0 +1,171 @@
+"""`mailqd`: the daemon's command. Runs in the foreground, the way systemd wants it.
+
+It loads the settings (defaults, `--config` file, `MAILQD_*` environment,
+flags), checks that the database has this mailqd's schema, and hands over to
+the `Supervisor`, which forks the workers. A configuration or database
+problem at start is one line on stderr and exit code 1, never a traceback.
+
+Exit codes: 0 stopped cleanly (or `--check-config` passed); 1 bad
+configuration, database unusable at start, or an immediate stop (second
+SIGTERM/SIGINT, SIGQUIT); 2 usage error (click); 3 a worker could not boot
+(`WORKER_BOOT_ERROR`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import click
+
+from mailqd import __version__
+from mailqd.config import Settings, load_settings
+from mailqd.daemon.supervisor import KILL_GRACE, Supervisor, WorkerEntry, open_store
+from mailqd.errors import MailqError
+from mailqd.logging import configure_logging
+from mailqd.store import check_schema
+from mailqd.transport import redact_url, transport_from_url
+
+__all__ = ["check_configuration", "load_daemon_settings", "main", "run_daemon"]
+
+EXIT_CONFIG = 1
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML config file (default: MAILQD_CONFIG).",
+)
+@click.option(
+    "--workers", metavar="N", help="Number of worker processes (default: MAILQD_WORKERS or 3)."
+)
+@click.option("--database-url", help="Queue database URL (default: MAILQD_DATABASE_URL).")
+@click.option("--smtp-url", help="Where mail goes (default: MAILQD_SMTP_URL).")
+@click.option(
+    "--check-config",
+    is_flag=True,
+    help="Check the configuration and the database schema, print one line, and exit.",
+)
+@click.version_option(__version__, prog_name="mailqd")
+@click.pass_context
+def main(
+    ctx: click.Context,
+    config_path: Path | None,
+    workers: str | None,
+    database_url: str | None,
+    smtp_url: str | None,
+    check_config: bool,
+) -> None:
+    """Deliver the mail queued in the mailqd database, with a pool of worker processes.
+
+    Runs in the foreground until SIGTERM or SIGINT (graceful stop); SIGHUP
+    reloads the configuration.
+
+    \b
+    Example:
+      MAILQD_DATABASE_URL=sqlite:///mailqd.db MAILQD_SMTP_URL=smtp://127.0.0.1:25 mailqd
+    """
+    # --workers is passed on as text so that the config layer reports a bad
+    # value the same way as a bad MAILQD_WORKERS: one line naming the key.
+    overrides = {"workers": workers, "database_url": database_url, "smtp_url": smtp_url}
+    if check_config:
+        ctx.exit(check_configuration(config_path, overrides))
+    ctx.exit(run_daemon(config_path, overrides))
+
+
+def load_daemon_settings(
+    config_path: str | Path | None, overrides: Mapping[str, Any] | None = None
+) -> Settings:
+    """The settings, validated as far as possible without starting a worker.
+
+    Beyond `load_settings`, the SMTP URL is parsed here, so that a bad one
+    fails at start (or is refused on reload) rather than in every worker.
+    """
+    settings = load_settings(config_path, overrides=overrides)
+    transport_from_url(settings.smtp_url, timeout=settings.smtp_timeout)
+    return settings
+
+
+def check_configuration(
+    config_path: str | Path | None, overrides: Mapping[str, Any] | None = None
+) -> int:
+    """`mailqd --check-config`: one line on stdout and 0, or one line on stderr and 1."""
+    settings: Settings | None = None
+    try:
+        settings = load_daemon_settings(config_path, overrides)
+        revision = _schema_revision(settings.database_url)
+    except MailqError as exc:
+        return _fail(exc, settings)
+    plural = "" if settings.workers == 1 else "s"
+    click.echo(
+        f"mailqd: configuration OK (database {redact_url(settings.database_url)}, "
+        f"schema {revision}, {settings.workers} worker{plural})"
+    )
+    return 0
+
+
+def run_daemon(
+    config_path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    worker_entry: WorkerEntry | None = None,
+    kill_grace: float = KILL_GRACE,
+) -> int:
+    """Start the supervisor and run until it stops; returns the process exit code.
+
+    `worker_entry` and `kill_grace` are for tests that run the real start-up
+    path with a stand-in worker (see tests/test_supervisor.py).
+    """
+    settings: Settings | None = None
+    try:
+        settings = load_daemon_settings(config_path, overrides)
+        configure_logging(settings)
+        supervisor = Supervisor(
+            settings,
+            load_settings=lambda: load_daemon_settings(config_path, overrides),
+            worker_entry=worker_entry,
+            kill_grace=kill_grace,
+            notify_socket=os.environ.get("NOTIFY_SOCKET"),
+        )
+        return supervisor.run()
+    except MailqError as exc:
+        # Only start-up errors get here: once the workers run, the supervisor handles its own.
+        return _fail(exc, settings)
+
+
+def _schema_revision(database_url: str) -> str:
+    store = open_store(database_url)
+    try:
+        return check_schema(store.engine)
+    finally:
+        store.close()
+
+
+def _fail(exc: MailqError, settings: Settings | None) -> int:
+    click.echo(f"mailqd: {_without_secrets(str(exc), settings)}", err=True)
+    return EXIT_CONFIG
+
+
+def _without_secrets(text: str, settings: Settings | None) -> str:
+    """Belt and braces: no driver message may echo a password back to the terminal."""
+    if settings is None:
+        return text
+    for url in (settings.database_url, settings.smtp_url):
+        password = _password_in(url)
+        if password:
+            text = text.replace(password, "***").replace(unquote(password), "***")
+    return text
+
+
+def _password_in(url: str) -> str | None:
+    _, separator, rest = url.partition("://")
+    userinfo, at, _ = rest.rpartition("@")
+    if not separator or not at:
+        return None
+    _, colon, password = userinfo.partition(":")
+    return password if colon and password else None

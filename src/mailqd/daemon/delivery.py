@@ -1,0 +1,271 @@
+"""One delivery attempt of one claimed job, turned into the `Completion` that records it.
+
+This is where the outcome rules live: what is sent, retried, failed or
+expired, and why. It never raises for a job's sake: whatever is wrong with
+a job (a row written by plain SQL with garbage in it, a composer that
+refuses it, a server that says no) becomes that job's outcome, so one bad
+message cannot stop a worker.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+
+from mailqd.compose import OutgoingMessage, compose
+from mailqd.config import Settings
+from mailqd.daemon.retry import BackoffPolicy
+from mailqd.errors import (
+    AmbiguousDeliveryError,
+    DeliveryError,
+    PermanentDeliveryError,
+    TransientDeliveryError,
+    ValidationError,
+)
+from mailqd.logging import mask_address, mask_addresses_in
+from mailqd.models import Job, Outcome
+from mailqd.store import Completion
+from mailqd.transport import SendResult, Transport
+
+__all__ = ["Deliverer"]
+
+log = structlog.get_logger()
+
+_LOGGED_RECIPIENTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """The bookkeeping of one attempt while it runs."""
+
+    job: Job
+    number: int
+    max_attempts: int
+    started_at: datetime
+    started: float  # time.monotonic()
+
+    @property
+    def is_last(self) -> bool:
+        return self.number >= self.max_attempts
+
+
+class Deliverer:
+    """Runs attempts for one worker (`owner`), by the settings' retry and composition rules."""
+
+    def __init__(self, settings: Settings, owner: str, policy: BackoffPolicy | None = None):
+        self._settings = settings
+        self._owner = owner
+        self._policy = policy or BackoffPolicy.from_settings(settings)
+
+    async def deliver(self, job: Job, transport: Transport) -> Completion:
+        """Decide, compose and send one job; returns the outcome to record."""
+        attempt = self._begin(job)
+        verdict = self._refuse_before_sending(attempt)
+        if verdict is not None:
+            return self._finish(attempt, verdict)
+        try:
+            message = self._compose(job)
+        except ValidationError as exc:
+            return self._finish(attempt, self._failed(attempt, f"cannot compose message: {exc}"))
+        except Exception as exc:  # the same job would fail the same way every time
+            log.exception("composer raised an unexpected error", job_id=job.id)
+            error = f"cannot compose message: unexpected {type(exc).__name__}: {exc}"
+            return self._finish(attempt, self._failed(attempt, error))
+        try:
+            result = await transport.send(message)
+        except DeliveryError as exc:
+            return self._finish(attempt, self._after_error(attempt, exc, message.message_id))
+        except Exception as exc:  # a transport bug must not kill the worker; retry is safest
+            log.exception("transport raised an unexpected error", job_id=job.id)
+            unexpected = TransientDeliveryError(f"unexpected {type(exc).__name__}: {exc}")
+            return self._finish(attempt, self._after_error(attempt, unexpected, message.message_id))
+        return self._finish(attempt, self._sent(attempt, result, message.message_id))
+
+    def crashed(self, job: Job, exc: Exception) -> Completion:
+        """The outcome for an attempt that died of a bug in mailqd itself.
+
+        Counted like a transient failure, so the job is retried and, if the
+        bug is in how this job is handled, fails after its last attempt
+        instead of being retried forever.
+        """
+        attempt = self._begin(job)
+        error = TransientDeliveryError(f"internal error: {type(exc).__name__}: {exc}")
+        return self._finish(attempt, self._after_error(attempt, error, None))
+
+    # -- the rules --------------------------------------------------------------
+
+    def _begin(self, job: Job) -> _Attempt:
+        return _Attempt(
+            job=job,
+            number=job.attempts + 1,
+            max_attempts=job.max_attempts or self._settings.max_attempts,
+            started_at=datetime.now(UTC),
+            started=time.monotonic(),
+        )
+
+    def _refuse_before_sending(self, attempt: _Attempt) -> Completion | None:
+        """Jobs that must not be sent at all: out of attempts, or past their expiry.
+
+        A job can be claimed with no attempts left when its earlier attempts
+        were interrupted (the worker was killed and the lease rescued): it
+        fails here instead of being sent once more. Expiry is judged at the
+        claim's time, by the database clock the claim stamped on the row.
+        """
+        job = attempt.job
+        if job.attempts >= attempt.max_attempts:
+            reason = job.last_error or "no error recorded"
+            return self._completion(
+                attempt,
+                Outcome.FAILED,
+                error=f"gave up after {job.attempts} attempts: {reason}",
+            )
+        if job.expires_at is not None and job.expires_at <= job.updated_at:
+            return self._completion(
+                attempt, Outcome.EXPIRED, error=f"expired at {job.expires_at.isoformat()}"
+            )
+        return None
+
+    def _compose(self, job: Job) -> OutgoingMessage:
+        """Build the message; a row whose JSON columns hold the wrong types is refused here.
+
+        The Message-ID is the job's own if it has one, else derived from the
+        job id and the sender's domain, so every attempt sends the same one.
+        """
+        if job.variables is not None and not isinstance(job.variables, dict):
+            raise ValidationError(
+                "variables", f"must be a JSON object, not {type(job.variables).__name__}"
+            )
+        if job.headers is not None and not isinstance(job.headers, dict):
+            raise ValidationError(
+                "headers", f"must be a JSON object, not {type(job.headers).__name__}"
+            )
+        return compose(job, default_from=self._settings.from_address)
+
+    def _sent(self, attempt: _Attempt, result: SendResult, message_id: str) -> Completion:
+        return self._completion(
+            attempt,
+            Outcome.SENT,
+            smtp_code=result.smtp_code,
+            smtp_text=_describe_acceptance(result),
+            message_id=message_id,
+        )
+
+    def _after_error(
+        self, attempt: _Attempt, exc: DeliveryError, message_id: str | None
+    ) -> Completion:
+        """Permanent errors fail now; transient and ambiguous ones retry while attempts remain."""
+        if isinstance(exc, PermanentDeliveryError):
+            return self._failed(attempt, str(exc), exc, message_id)
+        if attempt.is_last:
+            return self._failed(
+                attempt, f"gave up after {attempt.number} attempts: {exc}", exc, message_id
+            )
+        outcome = Outcome.AMBIGUOUS if isinstance(exc, AmbiguousDeliveryError) else Outcome.RETRY
+        return self._completion(
+            attempt,
+            outcome,
+            smtp_code=exc.smtp_code,
+            smtp_text=_reply_text(exc),
+            error=str(exc),
+            retry_in_seconds=self._policy.delay(attempt.number),
+            message_id=message_id,
+        )
+
+    def _failed(
+        self,
+        attempt: _Attempt,
+        error: str,
+        exc: DeliveryError | None = None,
+        message_id: str | None = None,
+    ) -> Completion:
+        return self._completion(
+            attempt,
+            Outcome.FAILED,
+            smtp_code=exc.smtp_code if exc else None,
+            smtp_text=_reply_text(exc) if exc else None,
+            error=error,
+            message_id=message_id,
+        )
+
+    def _completion(
+        self,
+        attempt: _Attempt,
+        outcome: Outcome,
+        *,
+        smtp_code: int | None = None,
+        smtp_text: str | None = None,
+        error: str | None = None,
+        retry_in_seconds: float = 0.0,
+        message_id: str | None = None,
+    ) -> Completion:
+        return Completion(
+            job_id=attempt.job.id,
+            owner=self._owner,
+            attempt=attempt.number,
+            outcome=outcome,
+            started_at=attempt.started_at,
+            duration_seconds=time.monotonic() - attempt.started,
+            smtp_code=smtp_code,
+            smtp_text=smtp_text,
+            error=error,
+            retry_in_seconds=retry_in_seconds,
+            message_id=message_id,
+        )
+
+    def _finish(self, attempt: _Attempt, completion: Completion) -> Completion:
+        _log_attempt(attempt, completion)
+        return completion
+
+
+def _describe_acceptance(result: SendResult) -> str | None:
+    """The server's reply, plus every recipient it refused, so a partial failure shows."""
+    text = f"{result.smtp_code} {result.smtp_text}" if result.smtp_text else None
+    if not result.refused:
+        return text
+    refusals = "; ".join(
+        f"{address}: {code} {reply}" for address, (code, reply) in result.refused.items()
+    )
+    return f"{text or 'accepted'}; refused {len(result.refused)} recipient(s): {refusals}"
+
+
+def _reply_text(exc: DeliveryError) -> str | None:
+    """What the attempts table shows: the server's own words when it said something."""
+    if exc.smtp_code is not None and exc.smtp_text:
+        return f"{exc.smtp_code} {exc.smtp_text}"
+    return str(exc)
+
+
+def _log_attempt(attempt: _Attempt, completion: Completion) -> None:
+    """One event per attempt; addresses masked, no bodies, no subjects."""
+    level = {
+        Outcome.SENT: "info",
+        Outcome.RETRY: "warning",
+        Outcome.AMBIGUOUS: "warning",
+    }.get(completion.outcome, "error")
+    recipients = [a.strip() for a in (attempt.job.recipient_to or "").split(",") if a.strip()]
+    fields: dict[str, object] = {
+        "job_id": completion.job_id,
+        "attempt": completion.attempt,
+        "max_attempts": attempt.max_attempts,
+        "outcome": completion.outcome.value,
+        "smtp_code": completion.smtp_code,
+        "duration_ms": round(completion.duration_seconds * 1000, 1),
+        "worker": completion.owner,
+        "to": [mask_address(a) for a in recipients[:_LOGGED_RECIPIENTS]],
+    }
+    if len(recipients) > _LOGGED_RECIPIENTS:
+        fields["to_more"] = len(recipients) - _LOGGED_RECIPIENTS
+    if (
+        completion.outcome is Outcome.SENT
+        and completion.smtp_text
+        and "refused" in (completion.smtp_text)
+    ):
+        fields["partial"] = mask_addresses_in(completion.smtp_text)
+    if completion.error:
+        fields["error"] = mask_addresses_in(completion.error)
+    if completion.retry_in_seconds:
+        fields["retry_in"] = round(completion.retry_in_seconds, 3)
+    getattr(log, level)("delivery attempt", **fields)
