@@ -81,6 +81,11 @@ class SmtpServer:
         self.logins: list[str] = []
         self.connections = 0
         self.data_received = 0  # message contents received, whatever the reply to them
+        self.contents: list[bytes] = []  # every message content received, whatever the reply
+        # While set and cleared, the reply to the end of DATA waits until it is set
+        # (a slow server); `held` counts the replies waiting.
+        self.data_gate: threading.Event | None = None
+        self.held = 0
         self._auth = auth
         self._servers: dict[SMTP, int] = {}  # each connection's aiosmtpd instance: its number
         self._changed = threading.Condition()
@@ -108,7 +113,9 @@ class SmtpServer:
             self._servers.clear()
 
     def stop(self) -> None:
-        self._controller.stop()
+        """Stop listening (and drop connections); a stopped server may be stopped again."""
+        if self._controller._thread is not None:
+            self._controller.stop()
 
     def url(self, scheme: str = "smtp", *, user: str | None = None, **options: str) -> str:
         """A URL for this server; `user` may be `name:password` (percent-encoded here)."""
@@ -217,7 +224,10 @@ class _Handler:
         return await _answer(server, reply)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = bytes(envelope.original_content or b"")
+        self._owner._record(lambda: self._owner.contents.append(content))
         self._owner._record(self._owner._count_data)
+        await self._wait_at_gate()
         reply = _next(self._owner.data_replies)
         if reply.startswith("2"):
             message = ReceivedMessage(
@@ -229,6 +239,20 @@ class _Handler:
             )
             self._owner._record(lambda: self._owner.messages.append(message))
         return await _answer(server, reply)
+
+    async def _wait_at_gate(self) -> None:
+        gate = self._owner.data_gate
+        if gate is None or gate.is_set():
+            return
+
+        def change(step: int) -> None:
+            self._owner.held += step
+
+        self._owner._record(lambda: change(1))
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, gate.wait)
+        finally:
+            self._owner._record(lambda: change(-1))
 
 
 def _is_tls(server: SMTP) -> bool:

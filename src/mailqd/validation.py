@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from email.utils import formataddr, getaddresses
+from email.utils import getaddresses
 from functools import lru_cache
 from typing import Any
 
@@ -123,8 +123,23 @@ def _parse_one_field(field: str, text: str, limits: Limits) -> list[str]:
             normal = _check_addr_spec(addr)
         except InvalidAddressError as exc:
             raise InvalidAddressError(field, exc.problem) from None
-        out.append(formataddr((name, normal)) if name else normal)
+        out.append(_format_address(name, normal) if name else normal)
     return out
+
+
+_NEEDS_QUOTES = re.compile(r'[][\\()<>@,:;".]')
+
+
+def _format_address(name: str, addr: str) -> str:
+    """`Name <addr>`, quoting the name when needed but keeping it readable.
+
+    Unlike `email.utils.formataddr`, a non-ASCII name is not RFC 2047-encoded
+    here: the queue keeps what the caller wrote, and the composer encodes it.
+    """
+    if _NEEDS_QUOTES.search(name):
+        escaped = name.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}" <{addr}>'
+    return f"{name} <{addr}>"
 
 
 def _check_headers(headers: Mapping[str, str] | None, limits: Limits) -> dict[str, str] | None:
