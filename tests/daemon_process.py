@@ -52,6 +52,9 @@ def daemon_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS_DIR), env.get("PYTHONPATH")]))
     env["MAILQD_LOG_FORMAT"] = "json"
+    # Daemons of parallel tests (and test runs) must not fight over one sidecar
+    # port: each gets a free one; `DaemonProcess.sidecar_url` reads it from the log.
+    env["MAILQD_METRICS_LISTEN"] = "127.0.0.1:0"
     env.update(extra or {})
     return env
 
@@ -161,6 +164,11 @@ class DaemonProcess:
                 records.append(record)
         return records
 
+    def sidecar_url(self, timeout: float = DEFAULT_TIMEOUT) -> str:
+        """`http://host:port` of the sidecar, once it listens (from its log event)."""
+        [event] = self.wait_for_event("sidecar listening", timeout=timeout)[:1]
+        return str(event["url"])
+
     # -- its workers -----------------------------------------------------------
 
     def worker_pids(self) -> set[int]:
@@ -247,13 +255,15 @@ class DaemonPool:
 
     def mailqd(self, env: Mapping[str, str], args: Sequence[str] = ()) -> DaemonProcess:
         """The real `mailqd` command (see `start_mailqd`)."""
-        return self._track(start_mailqd(self._next_log(), env, args))
+        return self._track(start_mailqd(self._next_log(), self._with_tmpdir(env), args))
 
     def supervisor(
         self, env: Mapping[str, str], worker: str, kill_grace: float = 0.5
     ) -> DaemonProcess:
         """The real start-up path with a stand-in worker (see `start_supervisor`)."""
-        return self._track(start_supervisor(self._next_log(), env, worker, kill_grace))
+        return self._track(
+            start_supervisor(self._next_log(), self._with_tmpdir(env), worker, kill_grace)
+        )
 
     def close(self) -> None:
         for daemon in self.started:
@@ -262,6 +272,11 @@ class DaemonPool:
     def _track(self, daemon: DaemonProcess) -> DaemonProcess:
         self.started.append(daemon)
         return daemon
+
+    def _with_tmpdir(self, env: Mapping[str, str]) -> dict[str, str]:
+        """Temporary files (metric files, heartbeats) in the test's directory: a daemon
+        SIGKILLed at teardown cannot remove them itself."""
+        return {"TMPDIR": str(self.directory), **env}
 
     def _next_log(self) -> Path:
         return self.directory / f"mailqd-{len(self.started) + 1}.log"

@@ -29,7 +29,7 @@ class Settings:
     smtp_url: str = "smtp://127.0.0.1:25"
     from_address: str = "mailqd@localhost"
     workers: int = 3
-    concurrency: int = 10
+    concurrency: int = 32
     metrics_listen: str = f"127.0.0.1:{DEFAULT_METRICS_PORT}"
     max_attempts: int = 3
     backoff_base: float = 60.0
@@ -163,5 +163,6 @@ def _validated(settings: Settings) -> Settings:
 
 def _check_listen(value: str) -> None:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    # Port 0 lets the system choose; the sidecar logs the port it got.
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError("metrics_listen", f"must be HOST:PORT, got {value!r}")

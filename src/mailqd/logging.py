@@ -70,10 +70,60 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # One write per line (PrintLogger writes the newline separately), so the
+        # lines of the supervisor and its workers never interleave in a shared log.
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(stream=stream, level=max(level, logging.WARNING), force=True)
+    _route_stdlib_logging(stream, max(level, logging.WARNING), renderer, use_json)
+
+
+def _route_stdlib_logging(
+    stream: TextIO, level: int, renderer: structlog.typing.Processor, use_json: bool
+) -> None:
+    """Libraries' warnings (SQLAlchemy, asyncio, aiosmtplib) in the same format, masked too.
+
+    Without this they would be plain text lines among the JSON ones, which a
+    log shipper parsing JSON would choke on.
+    """
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.processors.add_log_level,
+            _add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _mask_foreign_event,
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info if use_json else _keep_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+        old.close()
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _add_logger_name(
+    _logger: object, _name: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    record = event.get("_record")
+    if record is not None:
+        event["logger"] = record.name
+    return event
+
+
+def _mask_foreign_event(
+    _logger: object, _name: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """A library's message may quote an address (an SMTP reply); mask it like ours."""
+    event["event"] = mask_addresses_in(str(event.get("event", "")))
+    return event
 
 
 def _keep_exc_info(

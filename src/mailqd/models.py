@@ -128,3 +128,38 @@ class QueueCounts:
     def depth(self) -> int:
         """Jobs not yet finished: what is waiting plus what is being sent."""
         return self.pending + self.sending
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    """What the queue did in the last `seconds`: jobs that ended sent or failed, attempts made."""
+
+    seconds: float
+    sent: int = 0
+    failed: int = 0
+    attempts: int = 0
+
+    @property
+    def failure_rate(self) -> float | None:
+        """Failed jobs as a fraction of the jobs that ended in the window; None if none did."""
+        finished = self.sent + self.failed
+        return self.failed / finished if finished else None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """A snapshot for operators (`mailqctl stats`, `mailqctl top`), as of the database's `at`.
+
+    `due` counts pending jobs whose time has come; `retries_waiting` counts
+    pending jobs that already had an attempt and wait for their backoff, and
+    `retries_due_soon` those of them due within `soon_seconds`.
+    """
+
+    at: datetime
+    counts: QueueCounts
+    due: int
+    retries_waiting: int
+    retries_due_soon: int
+    soon_seconds: float
+    last_5m: WindowStats
+    last_1h: WindowStats

@@ -79,10 +79,16 @@ def check_no_injection(field: str, value: str) -> None:
 
 @lru_cache(maxsize=65536)
 def _check_addr_spec(addr: str) -> str:
+    """The address normalised, or `InvalidAddressError`.
+
+    A non-ASCII local part is refused here (internationalised domains are
+    fine): it needs SMTPUTF8, which the composer does not send, so such a
+    job would be queued only to fail at delivery.
+    """
     if _SIMPLE_ADDRESS.match(addr):
         return addr
     try:
-        return validate_email(addr, check_deliverability=False, allow_smtputf8=True).normalized
+        return validate_email(addr, check_deliverability=False, allow_smtputf8=False).normalized
     except EmailNotValidError as exc:
         raise InvalidAddressError(
             "address", f"{addr!r} is not a valid e-mail address: {exc}"

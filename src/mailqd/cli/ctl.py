@@ -1,67 +1,29 @@
 """`mailqctl`: the operator's command line.
 
 Every command finds the database the way the daemon does (`--database-url`,
-`MAILQD_DATABASE_URL`, or the config file). A user error prints one line on
-stderr and exits 1; usage errors exit 2 (click's convention).
+`MAILQD_DATABASE_URL`, or the config file). Exit codes: 0 success; 1 the
+command could not do its work (a user error such as an unknown id, a bad
+URL, a database that is down or not migrated, printed as one line on
+stderr; or, for `drain`, a message not delivered); 2 usage errors (click's
+convention).
+
+The commands live in modules by role: `inspect` (stats, failed, show),
+`top`, `repair` (retry, requeue, cancel, drain), `maintain` (migrate,
+cleanup) and `enqueue`; `output` prints tables or `--json` for all of them.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-from functools import wraps
-from typing import Any, TypeVar
-
 import click
 
-from mailqd.config import Settings, load_settings
-from mailqd.errors import MailqError
-from mailqd.store import Store
-from mailqd.store.migrate import upgrade
+from mailqd.cli.context import Context, reports_errors
+from mailqd.cli.enqueue import enqueue
+from mailqd.cli.inspect import failed, show, stats
+from mailqd.cli.maintain import cleanup, migrate
+from mailqd.cli.repair import cancel, drain, requeue, retry
+from mailqd.cli.top import top
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class Context:
-    """What every command needs: the settings, and a store opened on first use."""
-
-    def __init__(self, config_path: str | None, database_url: str | None) -> None:
-        self._config_path = config_path
-        self._database_url = database_url
-        self._settings: Settings | None = None
-        self._store: Store | None = None
-
-    @property
-    def settings(self) -> Settings:
-        if self._settings is None:
-            self._settings = load_settings(
-                self._config_path, overrides={"database_url": self._database_url}
-            )
-        return self._settings
-
-    @property
-    def store(self) -> Store:
-        if self._store is None:
-            self._store = Store.from_url(self.settings.database_url)
-        return self._store
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-
-
-def reports_errors(command: F) -> F:
-    """Turn a mailqd error into one line on stderr and exit code 1."""
-
-    @wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except MailqError as exc:
-            click.echo(f"mailqctl: {exc}", err=True)
-            sys.exit(1)
-
-    return wrapper  # type: ignore[return-value]
+__all__ = ["Context", "cli", "main", "reports_errors"]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,30 +37,15 @@ def cli(ctx: click.Context, config_path: str | None, database_url: str | None) -
     \b
     Example:
       mailqctl --database-url sqlite:///mailqd.db migrate
+      MAILQD_DATABASE_URL=postgresql://mailqd@db/mailqd mailqctl stats
     """
     state = Context(config_path, database_url)
     ctx.obj = state
     ctx.call_on_close(state.close)
 
 
-@cli.command()
-@click.pass_obj
-@reports_errors
-def migrate(state: Context) -> None:
-    """Create or upgrade the mailqd tables to this version's schema.
-
-    Safe to run again: an up-to-date schema is left as it is.
-
-    \b
-    Example:
-      $ mailqctl migrate
-      migrated the schema from (none) to 0001
-    """
-    result = upgrade(state.store.engine)
-    if result.changed:
-        click.echo(f"migrated the schema from {result.before or '(none)'} to {result.after}")
-    else:
-        click.echo(f"the schema is already at {result.after}; nothing to do")
+for command in (migrate, stats, failed, show, top, enqueue, retry, requeue, cancel, drain, cleanup):
+    cli.add_command(command)
 
 
 def main() -> None:

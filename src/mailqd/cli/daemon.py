@@ -131,11 +131,22 @@ def run_daemon(
             worker_entry=worker_entry,
             kill_grace=kill_grace,
             notify_socket=os.environ.get("NOTIFY_SOCKET"),
+            watchdog_seconds=_watchdog_seconds(os.environ),
         )
         return supervisor.run()
     except MailqError as exc:
         # Only start-up errors get here: once the workers run, the supervisor handles its own.
         return _fail(exc, settings)
+
+
+def _watchdog_seconds(env: Mapping[str, str]) -> float | None:
+    """systemd's watchdog interval for this process (`WatchdogSec=`), as `sd_watchdog_enabled`."""
+    usec, pid = env.get("WATCHDOG_USEC", ""), env.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    if pid and pid != str(os.getpid()):
+        return None
+    return int(usec) / 1_000_000
 
 
 def _schema_revision(database_url: str) -> str:

@@ -10,6 +10,7 @@ on the event loop, for as long as the store says the next token takes.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from mailqd.daemon.waiting import wait_any
 from mailqd.store import Store
@@ -21,13 +22,22 @@ __all__ = ["RateLimiter"]
 class RateLimiter:
     """Messages per second across every worker sharing the database; 0 turns it off."""
 
-    def __init__(self, store: Store, rate: float, *, bucket: str = GLOBAL_BUCKET) -> None:
+    def __init__(
+        self,
+        store: Store,
+        rate: float,
+        *,
+        bucket: str = GLOBAL_BUCKET,
+        on_wait: Callable[[float], None] | None = None,
+    ) -> None:
+        """`on_wait(seconds)` is told of every wait for an empty bucket (for the metrics)."""
         self.rate = rate
         self.bucket = bucket
         # One second's worth, and at least one message: short bursts are
         # allowed, a long run averages `rate`.
         self.burst = max(1.0, rate)
         self._limits = RateLimits(store)
+        self._on_wait = on_wait
 
     @property
     def enabled(self) -> bool:
@@ -46,7 +56,11 @@ class RateLimiter:
             )
             if grant.granted:
                 return grant.granted
+            loop = asyncio.get_running_loop()
+            waited_from = loop.time()
             await wait_any(stop, timeout=grant.wait_seconds)
+            if self._on_wait is not None:
+                self._on_wait(loop.time() - waited_from)
         return 0
 
     async def give_back(self, count: int) -> None:

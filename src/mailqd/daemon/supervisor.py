@@ -23,6 +23,13 @@ dispatches to the `handle_*` methods):
   with the new settings and the old generation is stopped gracefully.
 - SIGCHLD: reap exited workers.
 
+Beside the workers, the supervisor runs the sidecar HTTP server
+(`mailqd.daemon.sidecar`: `/metrics`, `/healthz`, `/stats`) in a thread,
+and gives the workers a fresh directory for their metric files
+(`mailqd.metrics`), removed when it exits. Under systemd (`Type=notify`) it
+sends READY=1, RELOADING=1 and STOPPING=1, a STATUS= line with a summary,
+and WATCHDOG=1 at half the watchdog interval when `WatchdogSec=` is set.
+
 A worker that dies unexpectedly is replaced after a delay that doubles with
 each consecutive quick death (`RestartBackoff`), so a crash loop does not
 spin the CPU or hammer the database. A worker that exits with
@@ -38,9 +45,11 @@ import contextlib
 import os
 import secrets
 import select
+import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -51,8 +60,10 @@ from typing import Any, NoReturn
 import structlog
 from sqlalchemy.engine import make_url
 
+from mailqd import metrics
 from mailqd.config import Settings
 from mailqd.daemon.heartbeat import Heartbeat, WorkerIdentity
+from mailqd.daemon.sidecar import Sidecar
 from mailqd.errors import ConfigError, MailqError, SchemaError
 from mailqd.store import Store, check_schema
 from mailqd.transport import redact_url
@@ -99,6 +110,8 @@ SUPERVISOR_SIGNALS = (
 WORKER_IGNORED_SIGNALS = (signal.SIGINT, signal.SIGHUP)
 DB_CONNECT_TIMEOUT = 5
 RESCUE_BATCH = 1000
+FORK_LOCK_WAIT = 0.2
+"""Longest wait for the sidecar to finish a request before a fork; else the spawn is retried."""
 
 log = structlog.get_logger(component="supervisor")
 
@@ -157,7 +170,8 @@ class Supervisor:
     `worker_entry` defaults to `mailqd.daemon.worker.run_worker`; tests pass
     stand-ins. `load_settings` re-reads the configuration on SIGHUP (without
     it, SIGHUP restarts the workers with the same settings). `notify_socket`
-    is systemd's `NOTIFY_SOCKET`, for `Type=notify` units.
+    is systemd's `NOTIFY_SOCKET`, for `Type=notify` units, and
+    `watchdog_seconds` its watchdog interval (`WATCHDOG_USEC`), if any.
     """
 
     def __init__(
@@ -169,6 +183,7 @@ class Supervisor:
         kill_grace: float = KILL_GRACE,
         backoff: RestartBackoff | None = None,
         notify_socket: str | None = None,
+        watchdog_seconds: float | None = None,
     ) -> None:
         self.settings = settings
         self.kill_grace = kill_grace
@@ -182,6 +197,16 @@ class Supervisor:
         self._load_settings = load_settings
         self._worker_entry = worker_entry
         self._notify_socket = notify_socket
+        self._watchdog_seconds = watchdog_seconds
+        self._watchdog_due = 0.0
+        self._status_sent: str | None = None
+        self.worker_deaths = 0
+        self.jobs_given_back = 0
+        self.started_at = time.time()
+        self.status = self._pool_status()
+        self._fork_lock = threading.Lock()
+        self._sidecar: Sidecar | None = None
+        self._metrics_dir: str | None = None
         self._spawn_at: dict[int, float] = {}
         self._signals: deque[int] = deque()
         self._pipe: tuple[int, int] | None = None
@@ -197,6 +222,7 @@ class Supervisor:
         """
         revision = self.check_database(self.settings)
         self._resolve_worker_entry()
+        self._start_sidecar()
         self._install_signal_handlers()
         try:
             log.info(
@@ -214,6 +240,7 @@ class Supervisor:
             raise
         finally:
             self._remove_signal_handlers()
+            self._stop_sidecar()
             self._close_stores()
         log.info("mailqd stopped", exit_code=self.exit_code)
         return self.exit_code
@@ -224,6 +251,8 @@ class Supervisor:
 
     def _main_loop(self) -> None:
         while self.workers or not self.stopping:
+            self.status = self._pool_status()
+            self._tell_systemd()
             self._sleep(self._next_timeout())
             self._dispatch_signals()
             self.reap_workers()
@@ -285,6 +314,8 @@ class Supervisor:
     def _next_timeout(self) -> float:
         now = time.monotonic()
         deadlines = list(self._spawn_at.values())
+        if self._watchdog_seconds:
+            deadlines.append(self._watchdog_due)
         deadlines += [
             w.kill_at for w in self.workers.values() if w.kill_at is not None and not w.killed
         ]
@@ -356,6 +387,11 @@ class Supervisor:
         else:
             old = list(self.workers.values())
             self._reconfigure_logging(settings)
+            if settings.metrics_listen != self.settings.metrics_listen:
+                log.warning(
+                    "metrics_listen changed; the sidecar keeps its address until mailqd restarts",
+                    listening=self._sidecar.address if self._sidecar else None,
+                )
             self._start_generation(settings)
             for worker in old:
                 self._retire(worker)
@@ -414,6 +450,8 @@ class Supervisor:
 
     def _worker_exited(self, worker: WorkerProcess, code: int) -> None:
         worker.heartbeat.close()
+        if self._metrics_dir is not None:
+            metrics.process_dead(worker.pid, self._metrics_dir)
         lifetime = time.monotonic() - worker.started_at
         expected = worker.retiring or self.stopping
         (log.info if expected and code == 0 else log.warning)(
@@ -427,6 +465,7 @@ class Supervisor:
         self._give_back_jobs(worker)
         if expected:
             return
+        self.worker_deaths += 1
         if code == WORKER_BOOT_ERROR:
             log.error("a worker failed to boot; stopping mailqd", pid=worker.pid)
             self.exit_code = WORKER_BOOT_ERROR
@@ -462,6 +501,7 @@ class Supervisor:
             )
             return
         if total:
+            self.jobs_given_back += total
             log.warning("jobs given back", pid=worker.pid, owner=owner, count=total)
 
     def murder_hung_workers(self) -> None:
@@ -509,6 +549,11 @@ class Supervisor:
 
     def spawn_worker(self, slot: int) -> None:
         """Fork one worker for `slot`. Never returns in the child."""
+        if not self._fork_lock.acquire(timeout=FORK_LOCK_WAIT):
+            # The sidecar is in a slow request (a database that does not answer):
+            # try again on the next turn rather than block the loop.
+            self._spawn_at[slot] = time.monotonic() + FORK_LOCK_WAIT
+            return
         heartbeat = Heartbeat()
         settings = self.settings
         _flush_stdio()
@@ -526,6 +571,7 @@ class Supervisor:
             return
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            self._fork_lock.release()
         identity = WorkerIdentity(index=slot, owner=self.owner_for(pid))
         self.workers[pid] = WorkerProcess(
             pid, identity, heartbeat, settings, self.generation, time.monotonic()
@@ -571,6 +617,9 @@ class Supervisor:
             signal.signal(signum, signal.SIG_IGN if ignored else signal.SIG_DFL)
         self._signals.clear()
         self._close_pipe()
+        if self._sidecar is not None:
+            self._sidecar.forget_after_fork()
+            self._sidecar = None
         for worker in self.workers.values():
             if worker.heartbeat is not own_heartbeat:
                 worker.heartbeat.close()
@@ -579,6 +628,54 @@ class Supervisor:
         for store in self._stores.values():
             store.engine.dispose(close=False)
         self._stores.clear()
+
+    # -- the sidecar and its metrics ---------------------------------------------
+
+    def _start_sidecar(self) -> None:
+        """Fresh metric files for this run, and the HTTP server; `ConfigError` if it cannot bind."""
+        self._metrics_dir = metrics.make_multiprocess_dir()
+        metrics.use_multiprocess_dir(self._metrics_dir)
+        sidecar = Sidecar(
+            self.settings.metrics_listen,
+            status=lambda: self.status,
+            database_url=lambda: self.settings.database_url,
+            open_store=open_store,
+            metrics_dir=self._metrics_dir,
+            fork_lock=self._fork_lock,
+        )
+        try:
+            sidecar.start()
+        except BaseException:
+            self._remove_metrics_dir()
+            raise
+        self._sidecar = sidecar
+
+    def _stop_sidecar(self) -> None:
+        if self._sidecar is not None:
+            self._sidecar.stop()
+            self._sidecar = None
+        self._remove_metrics_dir()
+
+    def _remove_metrics_dir(self) -> None:
+        if self._metrics_dir is not None:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            self._metrics_dir = None
+
+    def _pool_status(self) -> metrics.PoolStatus:
+        """What the sidecar reports: a new copy each loop turn, never a dict changing under it."""
+        running = sum(
+            1
+            for w in self.workers.values()
+            if not w.retiring and w.kill_at is None and w.generation == self.generation
+        )
+        return metrics.PoolStatus(
+            workers=running,
+            desired=self.settings.workers,
+            stopping=self.stopping,
+            worker_deaths=self.worker_deaths,
+            jobs_given_back=self.jobs_given_back,
+            started_at=self.started_at,
+        )
 
     # -- the supervisor's own store and systemd -------------------------------
 
@@ -597,6 +694,18 @@ class Supervisor:
         for store in self._stores.values():
             store.close()
         self._stores.clear()
+
+    def _tell_systemd(self) -> None:
+        """The watchdog ping, and STATUS= whenever the sidecar's summary changed."""
+        if not self._notify_socket:
+            return
+        if self._watchdog_seconds and time.monotonic() >= self._watchdog_due:
+            self._notify("WATCHDOG=1")
+            self._watchdog_due = time.monotonic() + self._watchdog_seconds / 2
+        summary = self._sidecar.summary if self._sidecar is not None else None
+        if summary and summary != self._status_sent and not self.stopping:
+            self._notify(f"STATUS={summary}")
+            self._status_sent = summary
 
     def _notify(self, state: str) -> None:
         """Tell systemd (`Type=notify`) about readiness, reloads and stopping."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
 from collections.abc import Callable, Iterable, Sequence
@@ -33,12 +34,13 @@ from mailqd.daemon.outage import DatabaseOutage
 from mailqd.daemon.ratelimit import RateLimiter
 from mailqd.daemon.waiting import wait_any, with_timeout
 from mailqd.errors import DatabaseUnavailableError, StoreError
+from mailqd.metrics import WorkerMetrics
 from mailqd.models import Job, Outcome
 from mailqd.store import Completion, Store, check_schema
 from mailqd.store.notify import JobListener, supports_listen
 from mailqd.transport import Transport
 
-__all__ = ["BatchResult", "TransportFactory", "Worker", "run_worker"]
+__all__ = ["BatchResult", "TransportFactory", "Worker", "checked_transport_factory", "run_worker"]
 
 TransportFactory = Callable[[], Transport]
 
@@ -49,6 +51,8 @@ FLUSH_GRACE = 5.0
 TRANSPORT_CLOSE_TIMEOUT = 5.0
 CANCEL_TIMEOUT = 5.0
 """Seconds to wait for a cancelled task to finish before giving up on it."""
+CLAIM_LINGER = 0.01
+"""While busy, how long a freed slot may wait for others before the next claim is made."""
 
 
 @dataclass(slots=True)
@@ -109,6 +113,20 @@ class _Slots:
         self._busy += 1
         return self._idle.pop() if self._idle else self._factory()
 
+    async def wait_free(self, count: int, linger: float, stop: asyncio.Event) -> None:
+        """Wait until `count` slots are free, or `linger` seconds after the first one is."""
+        while self.free == 0 and not stop.is_set():
+            self.freed.clear()
+            await wait_any(stop, self.freed)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + linger
+        while self.free < count and not stop.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self.freed.clear()
+            await wait_any(stop, self.freed, timeout=remaining)
+
     def put_back(self, transport: Transport, *, reusable: bool) -> None:
         self._busy -= 1
         (self._idle if reusable else self._retired).append(transport)
@@ -139,6 +157,7 @@ class Worker:
         *,
         heartbeat: Heartbeat | None = None,
         listen: bool | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -150,8 +169,12 @@ class Worker:
         self._log = structlog.get_logger().bind(worker=owner)
         self._outage = DatabaseOutage()
         self._deliverer = Deliverer(settings, owner)
-        self._limiter = RateLimiter(store, settings.rate_limit)
+        self._metrics = metrics
+        self._limiter = RateLimiter(
+            store, settings.rate_limit, on_wait=metrics.rate_limited if metrics else None
+        )
         self._slots = _Slots(settings.concurrency, transport_factory)
+        self._claim_batch = max(1, settings.concurrency // 2)
         self._completer = Completer(store, on_recorded=self._recorded, outage=self._outage)
         self._held: dict[str, Job] = {}
         self._sending: dict[str, asyncio.Task[Completion]] = {}
@@ -268,8 +291,18 @@ class Worker:
     # -- producer ---------------------------------------------------------------
 
     async def _produce(self, stop: asyncio.Event) -> None:
-        """Claim whenever there are free slots and maybe work; poll, or wake on NOTIFY."""
+        """Claim whenever there are free slots and maybe work; poll, or wake on NOTIFY.
+
+        While a backlog lasts (the last claim was full), the next claim waits
+        for half the slots to free up, or `CLAIM_LINGER` after the first one
+        did: one claim per freed slot would make the database round trip, not
+        SMTP, the limit (measured: claims of ~5 jobs cost ~1 ms of worker CPU
+        per message more than claims of ~25). An idle worker claims at once.
+        """
+        backlog = False
         while not stop.is_set():
+            if backlog:
+                await self._slots.wait_free(self._claim_batch, CLAIM_LINGER, stop)
             free = self._slots.free
             if free == 0:
                 self._slots.freed.clear()
@@ -279,10 +312,12 @@ class Worker:
             try:
                 jobs, asked = await self._claim(free, stop)
             except StoreError as exc:
+                backlog = False
                 await wait_any(stop, timeout=self._outage.failed(exc, "claiming jobs"))
                 continue
             self._start(jobs)
-            if jobs and len(jobs) == asked:
+            backlog = bool(jobs) and len(jobs) == asked
+            if backlog:
                 continue  # a full batch: there is probably more waiting
             await wait_any(stop, self._wake, timeout=self.settings.poll_interval)
 
@@ -301,6 +336,8 @@ class Worker:
         for job in jobs:
             self._held[job.id] = job
         self.totals.claimed += len(jobs)
+        if self._metrics is not None:
+            self._metrics.claimed(len(jobs))
         if len(jobs) < granted:
             try:
                 await self._limiter.give_back(granted - len(jobs))
@@ -344,6 +381,8 @@ class Worker:
             if 0 < completion.retry_in_seconds < self.settings.poll_interval:
                 loop.call_later(completion.retry_in_seconds, self._wake.set)
         self.totals.count(batch)
+        if self._metrics is not None:
+            self._metrics.recorded(batch)
         self._progress.set()
 
     # -- maintenance ------------------------------------------------------------
@@ -388,6 +427,8 @@ class Worker:
                 self._outage.failed(exc, "rescuing expired leases")
                 rescued = []
             if rescued:
+                if self._metrics is not None:
+                    self._metrics.jobs_rescued(len(rescued))
                 self._log.warning("rescued jobs whose lease expired", count=len(rescued))
                 self._wake.set()
             await asyncio.sleep(period * random.uniform(0.75, 1.25))
@@ -486,30 +527,77 @@ def run_worker(settings: Settings, identity: WorkerIdentity, heartbeat: Heartbea
     supervisor reloads by replacing workers). A worker that cannot start
     raises `ConfigError` (a bad `smtp_url`) or `SchemaError`, which the
     supervisor treats as a boot failure rather than a crash to restart.
+    A worker whose supervisor dies (SIGKILL, the OOM killer) stops
+    gracefully as if it got SIGTERM, instead of delivering on unsupervised.
     """
     from mailqd.logging import configure_logging
 
+    supervisor = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     configure_logging(settings)
-    asyncio.run(_serve(settings, identity, heartbeat))
+    with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+        runner.run(_serve(settings, identity, heartbeat, supervisor))
     return 0
 
 
-async def _serve(settings: Settings, identity: WorkerIdentity, heartbeat: Heartbeat) -> None:
+def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when it is installed, else asyncio's own (None).
+
+    The worker's event loop runs every SMTP dialogue; uvloop cuts the
+    worker's CPU per message by about a fifth (see README, Performance).
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+async def _serve(
+    settings: Settings, identity: WorkerIdentity, heartbeat: Heartbeat, supervisor: int
+) -> None:
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    make_transport = await _checked_transport_factory(settings)
-    store = Store.from_url(settings.database_url)
+    orphaned = asyncio.create_task(_stop_when_orphaned(supervisor, stop, identity.owner))
+    make_transport = await checked_transport_factory(settings)
+    # No pre-ping: it is one more round trip per store call (measured ~0.3 ms
+    # of CPU each). A connection that died is noticed by the call that uses
+    # it, which fails like any outage and is retried on a fresh one.
+    store = Store.from_url(settings.database_url, pool_pre_ping=False)
     try:
         await _check_schema_if_reachable(store, identity.owner)
-        worker = Worker(settings, store, identity.owner, make_transport, heartbeat=heartbeat)
+        worker = Worker(
+            settings,
+            store,
+            identity.owner,
+            make_transport,
+            heartbeat=heartbeat,
+            metrics=WorkerMetrics(),
+        )
         await worker.run(stop)
     finally:
+        orphaned.cancel()
         store.close()
 
 
-async def _checked_transport_factory(settings: Settings) -> TransportFactory:
+async def _stop_when_orphaned(supervisor: int, stop: asyncio.Event, owner: str) -> None:
+    """Set `stop` once the supervisor is gone (the worker was re-parented).
+
+    Nobody would read this worker's heartbeat, replace it, or stop it on
+    SIGTERM to the service; a fresh `mailqd` would run beside it. Stopping
+    gracefully records what was sent and gives back what was not started,
+    so the next daemon picks those jobs up at once.
+    """
+    while os.getppid() == supervisor:
+        await asyncio.sleep(HEARTBEAT_INTERVAL)
+    structlog.get_logger().warning(
+        "supervisor gone; stopping gracefully", worker=owner, supervisor_pid=supervisor
+    )
+    stop.set()
+
+
+async def checked_transport_factory(settings: Settings) -> TransportFactory:
     """The factory of the slots' transports, tried once now so a bad URL fails at start."""
     from mailqd.transport import transport_from_url
 

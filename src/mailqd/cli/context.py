@@ -1,0 +1,98 @@
+"""What every `mailqctl` command shares: the settings, the store, and how errors end.
+
+Kept apart from `ctl.py` (the click group) so that each command module can
+import it without importing the group that imports them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+
+from mailqd.cli.output import Output
+from mailqd.config import Settings, load_settings
+from mailqd.errors import MailqError
+from mailqd.store import Store
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_FAILURE = 1
+"""A command that could not do its work: a user error, or (drain) a message not delivered."""
+
+
+class Context:
+    """The settings, and a store opened on first use.
+
+    `store` checks that the database has this mailqd's schema before the
+    first command uses it, so an outdated database is one clear line
+    ("run `mailqctl migrate`") instead of an SQL error; `migrate` itself
+    uses `unchecked_store`.
+    """
+
+    def __init__(self, config_path: str | None, database_url: str | None) -> None:
+        self._config_path = config_path
+        self._database_url = database_url
+        self._settings: Settings | None = None
+        self._store: Store | None = None
+        self._checked = False
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(
+                self._config_path, overrides={"database_url": self._database_url}
+            )
+        return self._settings
+
+    @property
+    def unchecked_store(self) -> Store:
+        if self._store is None:
+            self._store = Store.from_url(self.settings.database_url)
+        return self._store
+
+    @property
+    def store(self) -> Store:
+        store = self.unchecked_store
+        if not self._checked:
+            from mailqd.store.migrate import check_schema
+
+            check_schema(store.engine)
+            self._checked = True
+        return store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+def reports_errors(command: F) -> F:
+    """Turn a mailqd error into one line on stderr and exit code 1."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except MailqError as exc:
+            click.echo(f"mailqctl: {exc}", err=True)
+            sys.exit(EXIT_FAILURE)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def json_option(command: F) -> F:
+    """Add `--json` and pass the command an `Output` (`out`) that honours it."""
+
+    def to_output(ctx: click.Context, _param: click.Parameter, value: bool) -> Output:
+        return Output(as_json=value)
+
+    return click.option(
+        "--json",
+        "out",
+        is_flag=True,
+        callback=to_output,
+        help="Print JSON (stable keys, see docs/cli.md) instead of a table.",
+    )(command)

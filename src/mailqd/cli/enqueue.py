@@ -1,0 +1,271 @@
+"""`mailqctl enqueue`: queue a message from flags, or from an RFC 5322 file or stdin.
+
+Whatever the source, the message goes through `mailqd.validation.build_job`,
+the client library's own checks: a bad address or a CR/LF smuggled into a
+header is refused with the same one-line error, and nothing is written.
+"""
+
+from __future__ import annotations
+
+import email.errors
+import re
+import sys
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mailqd.cli.context import Context, json_option, reports_errors
+from mailqd.cli.output import Output
+from mailqd.errors import ValidationError
+from mailqd.validation import build_job
+
+_RELATIVE = re.compile(r"^\+?(\d+(?:\.\d+)?)\s*([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _when(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """A point in time: ISO 8601 (`2030-01-01T09:00:00+01:00`; no offset means UTC),
+    or a delay from now (`30s`, `10m`, `2h`, `1d`)."""
+    if value is None:
+        return None
+    text = value.strip()
+    relative = _RELATIVE.match(text)
+    if relative:
+        amount, unit = relative.groups()
+        return datetime.now(UTC) + timedelta(seconds=float(amount) * _UNITS[unit])
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is neither an ISO 8601 time nor a delay like 10m", ctx, param
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _key_value(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> Any:
+    result: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", ctx, param)
+        result[key.strip()] = value
+    return result
+
+
+def _headers(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> Any:
+    result: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{item!r} is not 'Name: value'", ctx, param)
+        result[name.strip()] = value.strip()
+    return result
+
+
+def _read_text(path: Path | None, option: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise click.BadParameter(f"{path} is not UTF-8 text", param_hint=option) from None
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint=option) from None
+
+
+@click.command()
+@click.argument("message_file", metavar="[FILE]", required=False, type=click.Path(dir_okay=False))
+@click.option("--to", multiple=True, help="Recipient (repeat, or comma-separate).")
+@click.option("--cc", multiple=True, help="Cc recipient (repeat, or comma-separate).")
+@click.option("--bcc", multiple=True, help="Bcc recipient (repeat, or comma-separate).")
+@click.option("--from", "from_address", help="Sender (default: the `from` setting).")
+@click.option("--reply-to", help="Reply-To address.")
+@click.option("--subject", help="Subject line.")
+@click.option("--body", help="Plain-text body.")
+@click.option(
+    "--body-file", type=click.Path(dir_okay=False, path_type=Path), help="Plain-text body file."
+)
+@click.option(
+    "--html-file", type=click.Path(dir_okay=False, path_type=Path), help="HTML body file."
+)
+@click.option("--template", "template_id", help="Template id, rendered when sent.")
+@click.option(
+    "--var", "variables", multiple=True, callback=_key_value, help="Template variable KEY=VALUE."
+)
+@click.option(
+    "--header", "headers", multiple=True, callback=_headers, help="Extra header 'Name: value'."
+)
+@click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True)
+@click.option(
+    "--send-after",
+    metavar="TIME",
+    callback=_when,
+    help="Not before: ISO 8601 time, or a delay (10m).",
+)
+@click.option(
+    "--expires-at", metavar="TIME", callback=_when, help="Fail instead of sending after this time."
+)
+@click.option("--max-attempts", type=click.IntRange(min=1), help="Attempts for this job.")
+@click.option("--idempotency-key", help="Queue at most one job for this key.")
+@json_option
+@click.pass_obj
+@reports_errors
+def enqueue(
+    state: Context,
+    message_file: str | None,
+    to: tuple[str, ...],
+    cc: tuple[str, ...],
+    bcc: tuple[str, ...],
+    from_address: str | None,
+    reply_to: str | None,
+    subject: str | None,
+    body: str | None,
+    body_file: Path | None,
+    html_file: Path | None,
+    template_id: str | None,
+    variables: dict[str, str],
+    headers: dict[str, str],
+    priority: int,
+    send_after: datetime | None,
+    expires_at: datetime | None,
+    max_attempts: int | None,
+    idempotency_key: str | None,
+    out: Output,
+) -> None:
+    """Queue one message and print its job id.
+
+    Give the message with flags, or as an RFC 5322 file (`-` for stdin):
+    its To, Cc, Bcc, From, Reply-To and Subject headers and its text/plain
+    and text/html parts are used (other headers are ignored, attachments
+    refused); flags given as well replace those headers. With --template,
+    the job carries the template id and the --var variables, and is
+    rendered when it is sent.
+
+    \b
+    Examples:
+      $ mailqctl enqueue --to alice@example.com --subject Hi --body 'Hello Alice'
+      3f0c7a52-5f5e-4a57-9b0e-2a4c1d2e8b91
+      $ mailqctl enqueue --to bob@example.com --template welcome --var name=Bob --send-after 10m
+      $ mailqctl enqueue message.eml
+      $ sendmail-style-app | mailqctl enqueue -
+    """
+    if message_file is not None:
+        if body is not None or body_file or html_file or template_id or variables:
+            raise click.UsageError(
+                "a message FILE brings its own content: drop --body, --body-file, "
+                "--html-file, --template and --var"
+            )
+        content = _parse_message(_read_message(message_file))
+    else:
+        if body is not None and body_file is not None:
+            raise click.UsageError("give --body or --body-file, not both")
+        if not to:
+            raise click.UsageError("give --to (with --body, --html-file or --template), or a FILE")
+        content = _Content(
+            body=body if body is not None else _read_text(body_file, "--body-file"),
+            html=_read_text(html_file, "--html-file"),
+        )
+    job = build_job(
+        list(to) or content.to,
+        subject if subject is not None else content.subject,
+        content.body,
+        content.html,
+        template_id=template_id,
+        variables=variables or None,
+        cc=list(cc) or content.cc,
+        bcc=list(bcc) or content.bcc,
+        reply_to=reply_to if reply_to is not None else content.reply_to,
+        from_address=from_address if from_address is not None else content.from_address,
+        headers=headers or None,
+        priority=priority,
+        send_after=send_after,
+        expires_at=expires_at,
+        max_attempts=max_attempts,
+        idempotency_key=idempotency_key,
+    )
+    job_id = state.store.enqueue(job)
+    out.emit({"id": job_id}, lambda: job_id)
+
+
+# -- RFC 5322 input ---------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Content:
+    """What a message file contributes to the job."""
+
+    to: list[str] = field(default_factory=list)
+    cc: list[str] = field(default_factory=list)
+    bcc: list[str] = field(default_factory=list)
+    from_address: str | None = None
+    reply_to: str | None = None
+    subject: str = ""
+    body: str | None = None
+    html: str | None = None
+
+
+def _read_message(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint="FILE") from None
+
+
+def _parse_message(data: bytes) -> _Content:
+    """Take the headers and text parts mailqd keeps; refuse what it cannot send as it is."""
+    message = BytesParser(policy=policy.default).parsebytes(data)
+    assert isinstance(message, EmailMessage)
+    body, html = _text_parts(message)
+    subject = _header(message, "Subject")
+    return _Content(
+        to=_all_headers(message, "To"),
+        cc=_all_headers(message, "Cc"),
+        bcc=_all_headers(message, "Bcc"),
+        from_address=_header(message, "From"),
+        reply_to=_header(message, "Reply-To"),
+        subject=subject or "",
+        body=body,
+        html=html,
+    )
+
+
+def _all_headers(message: EmailMessage, name: str) -> list[str]:
+    try:
+        return [str(value) for value in message.get_all(name, [])]
+    except (email.errors.MessageError, ValueError, IndexError, TypeError) as exc:
+        raise ValidationError(name.lower(), f"cannot parse the {name} header: {exc}") from None
+
+
+def _header(message: EmailMessage, name: str) -> str | None:
+    values = _all_headers(message, name)
+    if len(values) > 1:
+        raise ValidationError(name.lower(), f"the message has {len(values)} {name} headers")
+    return values[0] if values else None
+
+
+def _text_parts(message: EmailMessage) -> tuple[str | None, str | None]:
+    found: dict[str, str] = {}
+    for part in message.walk():
+        if part.is_multipart():
+            continue
+        kind = part.get_content_type()
+        if part.get_content_disposition() == "attachment" or kind not in _TEXT_KINDS:
+            raise ValidationError("message", f"attachments are not supported ({kind})")
+        if kind in found:
+            raise ValidationError("message", f"more than one {kind} part")
+        try:
+            found[kind] = part.get_content()
+        except (LookupError, ValueError) as exc:
+            raise ValidationError("message", f"cannot decode the {kind} part: {exc}") from None
+    return found.get("text/plain"), found.get("text/html")
+
+
+_TEXT_KINDS = ("text/plain", "text/html")

@@ -1,0 +1,286 @@
+"""Commands that look without touching: `stats`, `failed`, `show`.
+
+Addresses in lists (`failed`: the recipients, and any address quoted in
+an error) are masked, because lists get pasted into tickets and chat
+rooms. `show` prints one job whole, body included: the person running it
+can read the row with the same database credentials anyway, and
+troubleshooting a message needs the message.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+from rich.console import Group, RenderableType
+
+from mailqd.cli.context import Context, json_option, reports_errors
+from mailqd.cli.output import (
+    Output,
+    format_age,
+    format_duration,
+    format_rate,
+    format_time,
+    key_value_table,
+    table,
+    truncate,
+)
+from mailqd.models import Attempt, Job, QueueStats, Status, WindowStats
+
+SUBJECT_WIDTH = 40
+ERROR_WIDTH = 120
+
+
+# -- stats ------------------------------------------------------------------------
+
+
+@click.command()
+@json_option
+@click.pass_obj
+@reports_errors
+def stats(state: Context, out: Output) -> None:
+    """Queue counts, what is due, and what was sent and failed recently.
+
+    "Sent" and "failed" in a window count jobs that reached that state in
+    it; the failure rate is failed / (sent + failed); attempts include
+    retries.
+
+    \b
+    Example:
+      $ mailqctl stats
+      $ mailqctl stats --json | jq .last_1h.failure_rate
+    """
+    snapshot = state.store.queue_stats()
+    out.emit(stats_document(snapshot), lambda: render_stats(snapshot))
+
+
+def stats_document(snapshot: QueueStats) -> dict[str, Any]:
+    """The `stats --json` document (also one line of `top --json`)."""
+    counts = snapshot.counts
+    return {
+        "at": snapshot.at,
+        "counts": {status.value: counts.by_status.get(status, 0) for status in Status},
+        "queue_depth": counts.depth,
+        "due": snapshot.due,
+        "oldest_pending_age_seconds": _rounded(counts.oldest_due_age_seconds),
+        "retries_waiting": snapshot.retries_waiting,
+        "retries_due_soon": snapshot.retries_due_soon,
+        "retries_due_soon_seconds": snapshot.soon_seconds,
+        "last_5m": _window_document(snapshot.last_5m),
+        "last_1h": _window_document(snapshot.last_1h),
+    }
+
+
+def _window_document(window: WindowStats) -> dict[str, Any]:
+    rate = window.failure_rate
+    return {
+        "seconds": window.seconds,
+        "sent": window.sent,
+        "failed": window.failed,
+        "failure_rate": None if rate is None else round(rate, 4),
+        "attempts": window.attempts,
+    }
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
+
+
+def render_stats(snapshot: QueueStats) -> RenderableType:
+    counts = snapshot.counts
+    by_status = table("status", "jobs", right=["jobs"])
+    for status in Status:
+        by_status.add_row(status.value, str(counts.by_status.get(status, 0)))
+    queue = key_value_table(
+        [
+            ("queue depth", f"{counts.depth} (pending + sending)"),
+            ("due now", str(snapshot.due)),
+            ("oldest due job waiting", format_duration(counts.oldest_due_age_seconds)),
+            (
+                "retries waiting",
+                f"{snapshot.retries_waiting} "
+                f"({snapshot.retries_due_soon} due in the next {snapshot.soon_seconds:g}s)",
+            ),
+        ]
+    )
+    recent = table("", "sent", "failed", "failure rate", "attempts", right=["sent", "failed"])
+    for label, window in (("last 5 minutes", snapshot.last_5m), ("last hour", snapshot.last_1h)):
+        recent.add_row(
+            label,
+            str(window.sent),
+            str(window.failed),
+            format_rate(window.failure_rate),
+            str(window.attempts),
+        )
+    for column in recent.columns[3:]:
+        column.justify = "right"
+    return Group(by_status, "", queue, "", recent)
+
+
+# -- failed -----------------------------------------------------------------------
+
+
+@click.command()
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    metavar="N",
+    help="Show the N most recently failed jobs.",
+)
+@json_option
+@click.pass_obj
+@reports_errors
+def failed(state: Context, limit: int, out: Output) -> None:
+    """The most recent permanently failed jobs, newest first, with their last error.
+
+    Addresses are masked; `mailqctl show ID` prints a job in full.
+
+    \b
+    Example:
+      $ mailqctl failed --limit 5
+      $ mailqctl failed --json | jq -r '.jobs[].id' | xargs mailqctl retry
+    """
+    jobs = state.store.list_failed(limit)
+    default_max = state.settings.max_attempts
+    document = {"jobs": [_failed_document(job, default_max) for job in jobs]}
+    out.emit(document, lambda: _render_failed(jobs, default_max))
+
+
+def _failed_document(job: Job, default_max: int) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "to": _masked_list(job.recipient_to),
+        "subject": job.subject,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts or default_max,
+        "last_error": _masked_text(job.last_error),
+        "failed_at": job.updated_at,
+    }
+
+
+def _render_failed(jobs: list[Job], default_max: int) -> RenderableType:
+    if not jobs:
+        return "no failed jobs"
+    rows = table("id", "failed at", "attempts", "to", "subject", "last error", right=["attempts"])
+    for job in jobs:
+        rows.add_row(
+            job.id,
+            format_time(job.updated_at),
+            f"{job.attempts}/{job.max_attempts or default_max}",
+            truncate(", ".join(_masked_list(job.recipient_to)), 30),
+            truncate(job.subject, SUBJECT_WIDTH),
+            truncate(_masked_text(job.last_error), ERROR_WIDTH),
+        )
+    return rows
+
+
+def _masked_list(recipients: str | None) -> list[str]:
+    from mailqd.logging import mask_address  # here: mailqd.logging loads structlog, slow
+
+    return [mask_address(a) for a in (recipients or "").split(",") if a.strip()]
+
+
+def _masked_text(text: str | None) -> str | None:
+    from mailqd.logging import mask_addresses_in
+
+    return None if text is None else mask_addresses_in(text)
+
+
+# -- show -------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("job_id")
+@json_option
+@click.pass_obj
+@reports_errors
+def show(state: Context, job_id: str, out: Output) -> None:
+    """Every field of one job, its body, and its attempt history (oldest first).
+
+    Exits 1 when there is no job with that id.
+
+    \b
+    Example:
+      $ mailqctl show 3f0c7a52-5f5e-4a57-9b0e-2a4c1d2e8b91
+    """
+    store = state.store
+    job = store.get(job_id)
+    history = store.attempts(job_id)
+    document = {
+        "job": job_document(job),
+        "attempts": [_attempt_document(attempt) for attempt in history],
+    }
+    out.emit(document, lambda: _render_job(job, history, state.settings.max_attempts))
+
+
+def job_document(job: Job) -> dict[str, Any]:
+    """Every column of the job, under its column name."""
+    return {name: getattr(job, name) for name in Job.__slots__}
+
+
+def _attempt_document(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "attempt": attempt.attempt,
+        "started_at": attempt.started_at,
+        "duration_seconds": round(attempt.duration_seconds, 3),
+        "outcome": attempt.outcome,
+        "smtp_code": attempt.smtp_code,
+        "smtp_text": attempt.smtp_text,
+        "worker": attempt.worker,
+    }
+
+
+_LONG_FIELDS = ("body", "html")
+
+
+def _render_job(job: Job, history: list[Attempt], default_max: int) -> RenderableType:
+    now = datetime.now(UTC)
+    fields = [
+        (name, _field_text(getattr(job, name), now))
+        for name in Job.__slots__
+        if name not in _LONG_FIELDS
+    ]
+    if job.max_attempts is None:
+        fields = [
+            (name, f"- (the setting: {default_max})" if name == "max_attempts" else text)
+            for name, text in fields
+        ]
+    parts: list[RenderableType] = [key_value_table(fields)]
+    for name in _LONG_FIELDS:
+        value = getattr(job, name)
+        parts += ["", f"--- {name} ---" if value is not None else f"--- no {name} ---"]
+        if value is not None:
+            parts.append(value)
+    parts += ["", _render_attempts(history)]
+    return Group(*parts)
+
+
+def _field_text(value: Any, now: datetime) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return format_age(value, now)
+    if isinstance(value, dict | list):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def _render_attempts(history: list[Attempt]) -> RenderableType:
+    if not history:
+        return "no attempts yet"
+    rows = table("#", "started", "took", "outcome", "smtp", "reply / error", "worker", right=["#"])
+    for attempt in history:
+        rows.add_row(
+            str(attempt.attempt),
+            format_time(attempt.started_at),
+            format_duration(attempt.duration_seconds),
+            attempt.outcome.value,
+            str(attempt.smtp_code or "-"),
+            attempt.smtp_text or "",
+            attempt.worker or "",
+        )
+    return rows

@@ -1,0 +1,283 @@
+"""Prometheus metrics: their names, the workers' counters, and the page the sidecar serves.
+
+mailqd's counters live in worker processes, which die and are replaced, so
+they use prometheus-client's multiprocess mode: before forking, the
+supervisor points `PROMETHEUS_MULTIPROC_DIR` at a directory of its own,
+created fresh for each daemon start (`use_multiprocess_dir`). Each worker
+writes its counters and histograms to memory-mapped files named after its
+pid, and the sidecar's `/metrics` sums every file in the directory. The
+files of dead workers are kept, so what a dead worker counted is neither
+lost nor counted twice: its replacement has another pid and starts its own
+files at zero. (A recycled pid reopens the dead worker's file and counts on
+from its value, which is just as exact.)
+
+The supervisor's own state (workers alive, restarts) and the queue gauges
+read from the database are not counted by workers; the sidecar adds them
+at scrape time with `SupervisorCollector`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+
+from mailqd.models import Outcome, QueueCounts, Status
+from mailqd.store import Completion
+
+__all__ = [
+    "CLAIM_BATCH_BUCKETS",
+    "CONTENT_TYPE",
+    "SEND_DURATION_BUCKETS",
+    "PoolStatus",
+    "SupervisorCollector",
+    "WorkerMetrics",
+    "counter_total",
+    "make_multiprocess_dir",
+    "process_dead",
+    "queue_gauges",
+    "render",
+    "use_multiprocess_dir",
+]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+SEND_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+"""Seconds; 10 is a bucket edge because the slow-delivery alert is on p95 > 10 s."""
+CLAIM_BATCH_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500)
+
+_FAILED_OUTCOMES = (Outcome.FAILED, Outcome.EXPIRED)
+_WORKER_OUTCOMES = (Outcome.SENT, Outcome.RETRY, Outcome.AMBIGUOUS, Outcome.FAILED, Outcome.EXPIRED)
+
+
+# -- the multiprocess directory ----------------------------------------------------
+
+
+def make_multiprocess_dir() -> str:
+    """A new private directory (mode 0700) for one daemon run's metric files."""
+    return tempfile.mkdtemp(prefix="mailqd-metrics-")
+
+
+def use_multiprocess_dir(directory: str) -> None:
+    """Make metrics created from now on, here and in children forked later, write to `directory`.
+
+    prometheus-client picks its value class when it is first imported and
+    reads the directory from the environment when a metric is created, so
+    both are set here, before any worker is forked.
+    """
+    os.environ[MULTIPROC_ENV] = directory
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+def process_dead(pid: int, directory: str) -> None:
+    """Bookkeeping for a worker that exited: drops its live gauges, keeps its counters."""
+    mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
+# -- what a worker counts ----------------------------------------------------------
+
+
+class WorkerMetrics:
+    """The counters and histograms one worker process bumps.
+
+    Made in the worker after fork (`registry=None`: nothing registers them
+    in-process; the sidecar reads their files). The worker calls the three
+    hooks where it records outcomes, claims and waits for the rate limit.
+    """
+
+    def __init__(self) -> None:
+        self.sent = Counter(
+            "mailqd_email_sent",
+            "Messages delivered (the SMTP server accepted them), counted when recorded.",
+            registry=None,
+        )
+        self.failed = Counter(
+            "mailqd_email_failed",
+            "Messages that failed permanently (rejected, out of attempts, or expired).",
+            registry=None,
+        )
+        self.attempts = Counter(
+            "mailqd_email_attempts",
+            "Delivery attempts recorded, by outcome (sent, retry, ambiguous, failed, expired).",
+            ["outcome"],
+            registry=None,
+        )
+        self.duration = Histogram(
+            "mailqd_email_send_duration_seconds",
+            "Time one delivery attempt took: composing, SMTP dialogue, server reply.",
+            buckets=SEND_DURATION_BUCKETS,
+            registry=None,
+        )
+        self.claim_batch = Histogram(
+            "mailqd_claim_batch_size",
+            "Jobs returned by each claim query (0 when nothing was due).",
+            buckets=CLAIM_BATCH_BUCKETS,
+            registry=None,
+        )
+        self.rate_limit_waits = Counter(
+            "mailqd_rate_limit_waits",
+            "Times a worker waited for the shared rate limit before claiming.",
+            registry=None,
+        )
+        self.rate_limit_wait_seconds = Counter(
+            "mailqd_rate_limit_wait_seconds",
+            "Seconds workers spent waiting for the shared rate limit.",
+            registry=None,
+        )
+        self.rescued = Counter(
+            "mailqd_jobs_rescued",
+            "Jobs whose lease expired (their daemon died or hung) returned to the queue.",
+            registry=None,
+        )
+        for outcome in _WORKER_OUTCOMES:
+            self.attempts.labels(outcome=outcome.value)  # so every outcome shows, at 0
+
+    def recorded(self, batch: Sequence[Completion]) -> None:
+        """Outcomes committed to the database: counted once, after the commit."""
+        for completion in batch:
+            self.attempts.labels(outcome=completion.outcome.value).inc()
+            self.duration.observe(completion.duration_seconds)
+            if completion.outcome is Outcome.SENT:
+                self.sent.inc()
+            elif completion.outcome in _FAILED_OUTCOMES:
+                self.failed.inc()
+
+    def claimed(self, count: int) -> None:
+        self.claim_batch.observe(count)
+
+    def rate_limited(self, seconds: float) -> None:
+        self.rate_limit_waits.inc()
+        self.rate_limit_wait_seconds.inc(seconds)
+
+    def jobs_rescued(self, count: int) -> None:
+        self.rescued.inc(count)
+
+
+# -- what the sidecar adds at scrape time ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatus:
+    """The supervisor's state as the sidecar sees it; a new immutable copy each loop turn."""
+
+    workers: int
+    """Live worker processes of the current configuration (not those being retired)."""
+    desired: int
+    stopping: bool
+    worker_deaths: int
+    """Workers that exited without being asked to (crash, signal, hung)."""
+    jobs_given_back: int
+    """Jobs the supervisor returned to the queue after their worker died."""
+    started_at: float
+    """Wall-clock time the supervisor started (epoch seconds)."""
+
+
+class SupervisorCollector(Collector):
+    """The metrics the supervisor and the database know, computed at scrape time.
+
+    `queue` returns the cached database counts, or raises `MailqError` when
+    the database does not answer: the queue gauges are then left out and
+    `mailqd_database_up` is 0.
+    """
+
+    def __init__(
+        self,
+        status: Callable[[], PoolStatus],
+        queue: Callable[[], QueueCounts],
+        version: str,
+    ) -> None:
+        self._status = status
+        self._queue = queue
+        self._version = version
+
+    def collect(self) -> Iterator[Metric]:
+        from mailqd.errors import MailqError
+
+        status = self._status()
+        yield _gauge("mailqd_workers", "Worker processes running.", status.workers)
+        yield _gauge("mailqd_workers_desired", "Worker processes configured.", status.desired)
+        yield _counter(
+            "mailqd_worker_deaths",
+            "Workers that exited unexpectedly (crash, signal, hung) and were replaced.",
+            status.worker_deaths,
+        )
+        yield _counter(
+            "mailqd_jobs_given_back",
+            "Jobs returned to the queue by the supervisor after their worker died.",
+            status.jobs_given_back,
+        )
+        yield _gauge(
+            "mailqd_start_time_seconds", "When this mailqd started (Unix time).", status.started_at
+        )
+        info = GaugeMetricFamily("mailqd_build_info", "mailqd version.", labels=["version"])
+        info.add_metric([self._version], 1)
+        yield info
+        try:
+            counts = self._queue()
+        except MailqError:
+            yield _gauge("mailqd_database_up", "1 if the last database query answered.", 0)
+            return
+        yield _gauge("mailqd_database_up", "1 if the last database query answered.", 1)
+        yield from queue_gauges(counts)
+
+
+def queue_gauges(counts: QueueCounts) -> Iterator[Metric]:
+    """The queue gauges; the same numbers on every daemon sharing the database."""
+    yield _gauge(
+        "mailqd_email_queue_depth",
+        "Jobs not finished yet: pending (due or not) plus being sent.",
+        counts.depth,
+    )
+    yield _gauge(
+        "mailqd_email_pending_count", "Jobs waiting to be sent (due or not).", counts.pending
+    )
+    yield _gauge("mailqd_email_sending_count", "Jobs claimed and being sent.", counts.sending)
+    yield _gauge(
+        "mailqd_email_failed_count",
+        "Jobs that failed permanently and are kept for review (mailqctl failed).",
+        counts.by_status.get(Status.FAILED, 0),
+    )
+    yield _gauge(
+        "mailqd_email_oldest_due_age_seconds",
+        "How long the oldest due pending job has waited; 0 when none is due.",
+        counts.oldest_due_age_seconds or 0.0,
+    )
+
+
+def render(directory: str, supervisor: Collector) -> bytes:
+    """The `/metrics` page: every process's files summed, plus the supervisor's metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    registry.register(supervisor)
+    return generate_latest(registry)
+
+
+def counter_total(directory: str, name: str) -> float:
+    """One unlabelled counter's value summed over every process's files (for STATUS=)."""
+    merged = MultiProcessCollector.merge(_files(directory))  # type: ignore[no-untyped-call]
+    for metric in merged:
+        if metric.name == name:
+            return float(sum(s.value for s in metric.samples if s.name == name + "_total"))
+    return 0.0
+
+
+def _files(directory: str) -> list[str]:
+    try:
+        return [os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".db")]
+    except FileNotFoundError:
+        return []
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
