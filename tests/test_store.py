@@ -192,6 +192,22 @@ def test_outcome_from_a_worker_that_lost_the_lease_changes_nothing(store: Store)
     assert status_of(store, job.id) is Status.SENT
 
 
+def test_an_smtp_reply_with_a_nul_or_invalid_utf8_is_recorded_not_retried_forever(
+    store: Store,
+) -> None:
+    """aiosmtplib decodes replies with surrogateescape: bad bytes must not block the batch."""
+    for _ in range(2):
+        enqueue(store, send_after=T0)
+    garbled, nul = store.claim("w1", 2, lease_seconds=60, now=T0)
+    outcomes = [
+        sent(garbled, "w1", outcome=Outcome.FAILED, smtp_code=550, error="550 bad \udcff byte"),
+        sent(nul, "w1", smtp_text="250 queued\x00 as 1"),
+    ]
+    assert store.complete(outcomes, now=later(1)) == 2
+    assert store.get(garbled.id).last_error == "550 bad ? byte"
+    assert [a.smtp_text for a in store.attempts(nul.id)] == ["250 queued\ufffd as 1"]
+
+
 def test_release_gives_job_back_without_counting_an_attempt(store: Store) -> None:
     enqueue(store, send_after=T0)
     [job] = store.claim("w1", 1, lease_seconds=60, now=T0)

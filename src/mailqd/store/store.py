@@ -294,7 +294,7 @@ class Store:
                 "b_id": c.job_id,
                 "b_owner": c.owner,
                 "b_status": _NEXT_STATUS[c.outcome].value,
-                "b_error": None if c.outcome is Outcome.SENT else c.error,
+                "b_error": None if c.outcome is Outcome.SENT else _storable_text(c.error),
                 "b_delay": c.retry_in_seconds,
                 "b_mid": c.message_id,
             }
@@ -321,7 +321,7 @@ class Store:
                 "id": c.job_id,
                 "owner": c.owner,
                 "status": _NEXT_STATUS[c.outcome].value,
-                "error": None if c.outcome is Outcome.SENT else c.error,
+                "error": None if c.outcome is Outcome.SENT else _storable_text(c.error),
                 "delay": c.retry_in_seconds,
                 "mid": c.message_id,
                 "attempt": c.attempt,
@@ -329,7 +329,7 @@ class Store:
                 "duration": c.duration_seconds,
                 "outcome": c.outcome.value,
                 "code": c.smtp_code,
-                "text": c.smtp_text if c.smtp_text is not None else c.error,
+                "text": _storable_text(c.smtp_text if c.smtp_text is not None else c.error),
             }
             for c in completions
         ]
@@ -713,6 +713,18 @@ class Store:
             return int(conn.execute(stmt).scalar_one())
 
 
+def _storable_text(text: str | None) -> str | None:
+    """Text that both databases (and PostgreSQL's jsonb) accept: no NUL, no lone surrogate.
+
+    An SMTP reply is decoded with `surrogateescape`, so a server that sends
+    invalid UTF-8 (or a NUL) would otherwise make the whole batch of
+    outcomes fail, and be retried, for ever.
+    """
+    if text is None or (text.isascii() and "\x00" not in text):
+        return text
+    return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
 def _attempt_values(c: Completion) -> dict[str, Any]:
     return {
         "job_id": c.job_id,
@@ -721,7 +733,7 @@ def _attempt_values(c: Completion) -> dict[str, Any]:
         "duration_seconds": c.duration_seconds,
         "outcome": c.outcome,
         "smtp_code": c.smtp_code,
-        "smtp_text": c.smtp_text if c.smtp_text is not None else c.error,
+        "smtp_text": _storable_text(c.smtp_text if c.smtp_text is not None else c.error),
         "worker": c.owner,
     }
 
