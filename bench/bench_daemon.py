@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import os
 import platform
 import pwd
@@ -50,14 +49,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import psycopg
 
+from benchdb import bench_database
 from mailqd import Client
 from mailqd.store import Store, upgrade
 
@@ -323,31 +322,6 @@ async def _raw_client(port: int, total: int, sessions: int) -> float:
 
 
 # -- the database -----------------------------------------------------------------
-
-
-def _test_pg_helpers() -> ModuleType:
-    """tests/pg.py, which knows how to find or start a server and make databases."""
-    tests_dir = str(Path(__file__).resolve().parent.parent / "tests")
-    if tests_dir not in sys.path:
-        sys.path.insert(0, tests_dir)
-    return importlib.import_module("pg")
-
-
-@contextlib.contextmanager
-def bench_database(url: str | None) -> Iterator[str]:
-    """The given database, else a throwaway one dropped (and its server stopped) after."""
-    if url is not None:
-        yield url
-        return
-    pg = _test_pg_helpers()
-    with pg.find_or_start_postgres() as server:
-        name = pg.unique_database_name("mailqd_bench")
-        created = pg.create_database(server.admin_url, name)
-        print(f"database: {name} (throwaway, on {server.admin_url})")
-        try:
-            yield created
-        finally:
-            pg.drop_database(server.admin_url, name)
 
 
 class Queue:

@@ -25,25 +25,23 @@ from __future__ import annotations
 
 import argparse
 import enum
-import importlib
 import os
 import platform
 import random
 import re
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import psycopg
 import psycopg.sql
 import sqlalchemy as sa
 
+from benchdb import bench_database
 from mailqd import Client
 from mailqd.models import Job, Outcome
 from mailqd.store import Completion, Store, upgrade
@@ -238,31 +236,6 @@ class Latency:
 
 
 # -- the database ---------------------------------------------------------------
-
-
-def _test_pg_helpers() -> ModuleType:
-    """tests/pg.py, which knows how to find or start a server and make databases."""
-    tests_dir = str(Path(__file__).resolve().parent.parent / "tests")
-    if tests_dir not in sys.path:
-        sys.path.insert(0, tests_dir)
-    return importlib.import_module("pg")
-
-
-@contextmanager
-def bench_database(url: str | None) -> Iterator[str]:
-    """The given database, else a throwaway one dropped (and its server stopped) after."""
-    if url is not None:
-        yield url
-        return
-    pg = _test_pg_helpers()
-    with pg.find_or_start_postgres() as server:
-        name = pg.unique_database_name("mailqd_bench")
-        created = pg.create_database(server.admin_url, name)
-        print(f"database: {name} (throwaway, on {server.admin_url})")
-        try:
-            yield created
-        finally:
-            pg.drop_database(server.admin_url, name)
 
 
 def prepare(store: Store) -> None:

@@ -1,0 +1,40 @@
+"""The database a benchmark runs on: the one given, or a throwaway one.
+
+Shared by the bench scripts (run as `python bench/NAME.py`, so this folder
+is on sys.path). The throwaway database is made with tests/pg.py, which
+finds or starts a PostgreSQL the same way the test suite does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+
+
+def test_pg_helpers() -> ModuleType:
+    """tests/pg.py, which knows how to find or start a server and make databases."""
+    tests_dir = str(Path(__file__).resolve().parent.parent / "tests")
+    if tests_dir not in sys.path:
+        sys.path.insert(0, tests_dir)
+    return importlib.import_module("pg")
+
+
+@contextmanager
+def bench_database(url: str | None) -> Iterator[str]:
+    """The given database, else a throwaway one dropped (and its server stopped) after."""
+    if url is not None:
+        yield url
+        return
+    pg = test_pg_helpers()
+    with pg.find_or_start_postgres() as server:
+        name = pg.unique_database_name("mailqd_bench")
+        created = pg.create_database(server.admin_url, name)
+        print(f"database: {name} (throwaway, on {server.admin_url})")
+        try:
+            yield created
+        finally:
+            pg.drop_database(server.admin_url, name)
