@@ -28,6 +28,7 @@ from typing import Any
 from mailqd.compose import OutgoingMessage, compose
 from mailqd.models import Job, Status
 from mailqd.transport import SmtpTransport, transport_from_url
+from rawsmtp import raw_smtp_rate
 
 PARAGRAPH = (
     "Thank you for your order. We are preparing your parcel and will let you "
@@ -150,23 +151,7 @@ async def sink_capacity(port: int, message: OutgoingMessage, total: int, slots: 
         b"DATA\r\n",
         payload,
     )
-
-    async def slot(count: int) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        await reader.readline()
-        writer.write(b"HELO bench.test\r\n")
-        await reader.readline()
-        for _ in range(count):
-            for line in envelope:
-                writer.write(line)
-                await reader.readline()
-        writer.write(b"QUIT\r\n")
-        await reader.readline()
-        writer.close()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(slot(total // slots) for _ in range(slots)))
-    return (total // slots) * slots / (time.perf_counter() - started)
+    return await raw_smtp_rate(port, envelope, total, slots)
 
 
 def bench_smtp(total: int) -> None:

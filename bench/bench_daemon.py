@@ -59,6 +59,7 @@ import psycopg
 from benchdb import bench_database
 from mailqd import Client
 from mailqd.store import Store, upgrade
+from rawsmtp import raw_smtp_rate
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 POLL_SECONDS = 0.05
@@ -293,8 +294,6 @@ def sink_alone(sink: Sink, total: int) -> tuple[str, float]:
 
 
 async def _raw_client(port: int, total: int, sessions: int) -> float:
-    import asyncio
-
     payload = ("Subject: sink alone\r\n\r\n" + "x" * 76 + "\r\n") * 26 + ".\r\n"
     lines = [
         b"MAIL FROM:<bench@example.com>\r\n",
@@ -302,23 +301,7 @@ async def _raw_client(port: int, total: int, sessions: int) -> float:
         b"DATA\r\n",
         payload.encode(),
     ]
-
-    async def session(count: int) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        await reader.readline()
-        writer.write(b"HELO bench.test\r\n")
-        await reader.readline()
-        for _ in range(count):
-            for line in lines:
-                writer.write(line)
-                await reader.readline()
-        writer.write(b"QUIT\r\n")
-        await reader.readline()
-        writer.close()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(session(total // sessions) for _ in range(sessions)))
-    return (total // sessions) * sessions / (time.perf_counter() - started)
+    return await raw_smtp_rate(port, lines, total, sessions)
 
 
 # -- the database -----------------------------------------------------------------
