@@ -11,7 +11,7 @@ import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,18 @@ class Settings:
     smtp_timeout: float = 30.0
     log_format: str = "auto"
     log_level: str = "info"
+    # Content and security (docs/security.md).
+    max_recipients: int = 100
+    max_subject_length: int = 998
+    max_body_bytes: int = 10 * 1024 * 1024
+    dkim_domain: str = ""
+    dkim_selector: str = ""
+    dkim_key_file: str = ""
+    smtp_password: str = field(default="", repr=False)
+    smtp_password_file: str = ""
+    secrets_key_file: str = ""
+    dedup_window: float = 0.0
+    recipient_hourly_cap: int = 0
 
     def replace(self, **changes: Any) -> Settings:
         return _validated(dataclasses.replace(self, **changes))
@@ -68,6 +80,11 @@ _RULES: dict[str, dict[str, Any]] = {
     "smtp_timeout": {"low": 0.1},
     "log_format": {"choices": ("auto", "json", "console")},
     "log_level": {"choices": ("debug", "info", "warning", "error")},
+    "max_recipients": {"low": 1},
+    "max_subject_length": {"low": 1},
+    "max_body_bytes": {"low": 1},
+    "dedup_window": {"low": 0},
+    "recipient_hourly_cap": {"low": 0},
 }
 
 

@@ -276,3 +276,15 @@ rate_limit = sa.Table(
     # Size of the grant made by the last take: what the take's RETURNING reports.
     sa.Column("granted", sa.Integer, nullable=False, server_default="0"),
 )
+
+# Message templates, rendered with a job's `variables` at send time (Jinja2, sandboxed).
+email_templates = sa.Table(
+    "email_templates",
+    metadata,
+    sa.Column("id", sa.String(200), primary_key=True),
+    sa.Column("subject", sa.Text, nullable=False, server_default=""),
+    sa.Column("text_body", sa.Text),
+    sa.Column("html_body", sa.Text),
+    sa.Column("created_at", UTCDateTime, nullable=False, server_default=utcnow()),
+    sa.Column("updated_at", UTCDateTime, nullable=False, server_default=utcnow()),
+)
