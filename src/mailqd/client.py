@@ -8,26 +8,55 @@
 (the transactional outbox): the mail is queued if and only if the caller's
 transaction commits. `AsyncClient` is the same client for asyncio code; it
 runs the blocking database work in a thread, so there is one implementation.
+
+Templates (`add_template`, `render_template`, ...) live in the same
+database; a job names one with `template_id=` and gives its `variables=`.
+`enqueue` does not check that the template exists (that would cost a round
+trip per message, and a template may be added after its jobs): a job whose
+template is missing when it is sent fails with "unknown template".
+
+With a key file (`secrets_key_file=`, or `MAILQD_SECRETS_KEY_FILE`), a
+job's variables are encrypted before they are written (see
+`mailqd.secrets`); the daemon needs the same key to send them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from mailqd.models import NewJob
+from mailqd.models import NewJob, Template
+from mailqd.secrets import load_secret_box, seal_variables
 from mailqd.store import Store
+from mailqd.templates import Rendered, check_template, compile_template, render
 from mailqd.validation import DEFAULT_LIMITS, Limits, Recipients, build_job
+
+SECRETS_KEY_FILE_ENV = "MAILQD_SECRETS_KEY_FILE"
 
 
 class Client:
-    """Queues mail into a mailqd database. Thread-safe; create one per process."""
+    """Queues mail into a mailqd database. Thread-safe; create one per process.
+
+    `secrets_key_file`: a Fernet key file (`mailqctl secrets generate-key`);
+    when given, or set in `MAILQD_SECRETS_KEY_FILE`, template variables are
+    stored encrypted. An empty string turns encryption off whatever the
+    environment says. A key file that cannot be read raises `ConfigError`.
+    """
 
     def __init__(
-        self, database_url: str, *, limits: Limits = DEFAULT_LIMITS, **engine_kwargs: Any
+        self,
+        database_url: str,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        secrets_key_file: str | None = None,
+        **engine_kwargs: Any,
     ) -> None:
+        if secrets_key_file is None:
+            secrets_key_file = os.environ.get(SECRETS_KEY_FILE_ENV)
+        self._secrets = load_secret_box(secrets_key_file)
         self._store = Store.from_url(database_url, **engine_kwargs)
         self._limits = limits
 
@@ -92,7 +121,7 @@ class Client:
             idempotency_key=idempotency_key,
             limits=self._limits,
         )
-        return self._store.enqueue(job, connection)
+        return self._store.enqueue(seal_variables(job, self._secrets), connection)
 
     def enqueue_many(
         self, messages: Iterable[Mapping[str, Any]], *, connection: Any = None
@@ -110,11 +139,54 @@ class Client:
         from mailqd.errors import ValidationError
 
         try:
-            return build_job(**message, limits=self._limits)
+            return seal_variables(build_job(**message, limits=self._limits), self._secrets)
         except ValidationError as exc:
             raise type(exc)(f"messages[{index}].{exc.field}", exc.problem) from None
         except TypeError as exc:
             raise ValidationError(f"messages[{index}]", str(exc)) from None
+
+    # -- templates -----------------------------------------------------------------
+
+    def add_template(
+        self,
+        template_id: str,
+        subject: str,
+        text: str | None = None,
+        html: str | None = None,
+        *,
+        replace: bool = False,
+    ) -> Template:
+        """Store a template (Jinja2 sources); returns it as stored.
+
+        It is compiled first, so a syntax error raises `TemplateError` and
+        nothing is written. An existing id raises `TemplateExistsError`
+        unless `replace=True`; running daemons use a replaced template
+        within a few seconds (docs/templates.md).
+        """
+        check_template(template_id, subject, text, html)
+        return self._store.templates.put(template_id, subject, text, html, replace=replace)
+
+    def get_template(self, template_id: str) -> Template:
+        """The template, or `TemplateNotFoundError`."""
+        return self._store.templates.get(template_id)
+
+    def list_templates(self) -> list[Template]:
+        """Every template, by id."""
+        return self._store.templates.all()
+
+    def delete_template(self, template_id: str) -> None:
+        """Remove a template (`TemplateNotFoundError` if there is none); queued jobs keep its id."""
+        self._store.templates.delete(template_id)
+
+    def render_template(
+        self, template_id: str, variables: Mapping[str, Any] | None = None
+    ) -> Rendered:
+        """Render a stored template as the daemon would, without sending anything (a preview).
+
+        Raises `TemplateError` for what would fail the job: an undefined
+        variable, a sandbox refusal, a subject that would not be one line.
+        """
+        return render(compile_template(self._store.templates.get(template_id)), variables)
 
 
 class AsyncClient:
@@ -125,9 +197,16 @@ class AsyncClient:
     """
 
     def __init__(
-        self, database_url: str, *, limits: Limits = DEFAULT_LIMITS, **engine_kwargs: Any
+        self,
+        database_url: str,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        secrets_key_file: str | None = None,
+        **engine_kwargs: Any,
     ) -> None:
-        self._client = Client(database_url, limits=limits, **engine_kwargs)
+        self._client = Client(
+            database_url, limits=limits, secrets_key_file=secrets_key_file, **engine_kwargs
+        )
 
     async def close(self) -> None:
         await asyncio.to_thread(self._client.close)
@@ -156,3 +235,35 @@ class AsyncClient:
                 lambda sync_conn: self._client.enqueue_many(messages, connection=sync_conn)
             )
         return await asyncio.to_thread(self._client.enqueue_many, messages)
+
+    async def add_template(
+        self,
+        template_id: str,
+        subject: str,
+        text: str | None = None,
+        html: str | None = None,
+        *,
+        replace: bool = False,
+    ) -> Template:
+        """See `Client.add_template`."""
+        return await asyncio.to_thread(
+            self._client.add_template, template_id, subject, text, html, replace=replace
+        )
+
+    async def get_template(self, template_id: str) -> Template:
+        """See `Client.get_template`."""
+        return await asyncio.to_thread(self._client.get_template, template_id)
+
+    async def list_templates(self) -> list[Template]:
+        """See `Client.list_templates`."""
+        return await asyncio.to_thread(self._client.list_templates)
+
+    async def delete_template(self, template_id: str) -> None:
+        """See `Client.delete_template`."""
+        await asyncio.to_thread(self._client.delete_template, template_id)
+
+    async def render_template(
+        self, template_id: str, variables: Mapping[str, Any] | None = None
+    ) -> Rendered:
+        """See `Client.render_template`."""
+        return await asyncio.to_thread(self._client.render_template, template_id, variables)

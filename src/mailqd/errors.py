@@ -43,6 +43,18 @@ class MissingContentError(ValidationError):
     """A message has neither body, html nor template."""
 
 
+class TemplateError(ValidationError):
+    """A template cannot be compiled or rendered: bad syntax, an undefined variable, the sandbox.
+
+    The field is the template (`template 'welcome'`), so the message reads
+    "template 'welcome': variable 'name' is undefined in the subject".
+    """
+
+    def __init__(self, template_id: str, problem: str) -> None:
+        self.template_id = template_id
+        super().__init__(f"template {template_id!r}", problem)
+
+
 class StoreError(MailqError):
     """The queue database cannot be used."""
 
@@ -63,6 +75,24 @@ class JobNotFoundError(StoreError):
         super().__init__(f"no job with id {job_id}")
 
 
+class TemplateNotFoundError(StoreError):
+    """No template has the given id."""
+
+    def __init__(self, template_id: str) -> None:
+        self.template_id = template_id
+        super().__init__(f"no template with id {template_id!r}")
+
+
+class TemplateExistsError(StoreError):
+    """A template with this id exists already, and replacing it was not asked for."""
+
+    def __init__(self, template_id: str) -> None:
+        self.template_id = template_id
+        super().__init__(
+            f"template {template_id!r} exists already; replace it with --replace (replace=True)"
+        )
+
+
 class JobStateError(StoreError):
     """The job exists but is not in a state that allows the operation."""
 
@@ -70,6 +100,10 @@ class JobStateError(StoreError):
         self.job_id = job_id
         self.status = status
         super().__init__(f"cannot {operation} job {job_id}: it is {status}")
+
+
+class SecretsError(MailqError):
+    """A secret kept in the database cannot be decrypted: no key, the wrong key, a damaged token."""
 
 
 class DeliveryError(MailqError):

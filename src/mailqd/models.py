@@ -163,3 +163,19 @@ class QueueStats:
     soon_seconds: float
     last_5m: WindowStats
     last_1h: WindowStats
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A message template (`email_templates`), rendered with a job's variables when it is sent.
+
+    `subject`, `text_body` and `html_body` are Jinja2 sources; an empty
+    subject or a missing body leaves that part to the job's own fields.
+    """
+
+    id: str
+    subject: str
+    text_body: str | None
+    html_body: str | None
+    created_at: datetime
+    updated_at: datetime

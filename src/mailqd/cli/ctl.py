@@ -9,7 +9,8 @@ convention).
 
 The commands live in modules by role: `inspect` (stats, failed, show),
 `top`, `repair` (retry, requeue, cancel, drain), `maintain` (migrate,
-cleanup) and `enqueue`; `output` prints tables or `--json` for all of them.
+cleanup), `enqueue` and `templates` (templates, secrets); `output` prints
+tables or `--json` for all of them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mailqd.cli.enqueue import enqueue
 from mailqd.cli.inspect import failed, show, stats
 from mailqd.cli.maintain import cleanup, migrate
 from mailqd.cli.repair import cancel, drain, requeue, retry
+from mailqd.cli.templates import secrets, templates
 from mailqd.cli.top import top
 
 __all__ = ["Context", "cli", "main", "reports_errors"]
@@ -46,6 +48,8 @@ def cli(ctx: click.Context, config_path: str | None, database_url: str | None) -
 
 for command in (migrate, stats, failed, show, top, enqueue, retry, requeue, cancel, drain, cleanup):
     cli.add_command(command)
+cli.add_command(templates)
+cli.add_command(secrets)
 
 
 def main() -> None:

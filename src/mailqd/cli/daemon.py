@@ -26,6 +26,7 @@ from mailqd.config import Settings, load_settings
 from mailqd.daemon.supervisor import KILL_GRACE, Supervisor, WorkerEntry, open_store
 from mailqd.errors import MailqError
 from mailqd.logging import configure_logging
+from mailqd.secrets import load_secret_box
 from mailqd.store import check_schema
 from mailqd.transport import redact_url, transport_from_url
 
@@ -88,6 +89,7 @@ def load_daemon_settings(
     """
     settings = load_settings(config_path, overrides=overrides)
     transport_from_url(settings.smtp_url, timeout=settings.smtp_timeout)
+    load_secret_box(settings.secrets_key_file)  # a bad key file fails here, not in workers
     return settings
 
 

@@ -23,6 +23,7 @@ import click
 from mailqd.cli.context import Context, json_option, reports_errors
 from mailqd.cli.output import Output
 from mailqd.errors import ValidationError
+from mailqd.secrets import load_secret_box, seal_variables
 from mailqd.validation import build_job
 
 _RELATIVE = re.compile(r"^\+?(\d+(?:\.\d+)?)\s*([smhd])$")
@@ -145,7 +146,8 @@ def enqueue(
     and text/html parts are used (other headers are ignored, attachments
     refused); flags given as well replace those headers. With --template,
     the job carries the template id and the --var variables, and is
-    rendered when it is sent.
+    rendered when it is sent (the variables encrypted when
+    `secrets_key_file` is set).
 
     \b
     Examples:
@@ -189,7 +191,8 @@ def enqueue(
         max_attempts=max_attempts,
         idempotency_key=idempotency_key,
     )
-    job_id = state.store.enqueue(job)
+    box = load_secret_box(state.settings.secrets_key_file)
+    job_id = state.store.enqueue(seal_variables(job, box))
     out.emit({"id": job_id}, lambda: job_id)
 
 

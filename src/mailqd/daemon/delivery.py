@@ -9,6 +9,7 @@ message cannot stop a worker.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -19,16 +20,20 @@ import structlog
 from mailqd.compose import OutgoingMessage, compose
 from mailqd.config import Settings
 from mailqd.daemon.retry import BackoffPolicy
+from mailqd.daemon.templates import TemplateCache
 from mailqd.errors import (
     AmbiguousDeliveryError,
     DeliveryError,
     PermanentDeliveryError,
+    SecretsError,
     TransientDeliveryError,
     ValidationError,
 )
 from mailqd.logging import mask_address, mask_addresses_in
 from mailqd.models import Job, Outcome
+from mailqd.secrets import SecretBox, unseal_variables
 from mailqd.store import Completion
+from mailqd.templates import render
 from mailqd.transport import SendResult, Transport
 
 __all__ = ["Deliverer"]
@@ -54,12 +59,26 @@ class _Attempt:
 
 
 class Deliverer:
-    """Runs attempts for one worker (`owner`), by the settings' retry and composition rules."""
+    """Runs attempts for one worker (`owner`), by the settings' retry and composition rules.
 
-    def __init__(self, settings: Settings, owner: str, policy: BackoffPolicy | None = None):
+    `templates` is where jobs with a `template_id` find their template
+    (without it, such jobs fail); `secrets` opens encrypted variables.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        owner: str,
+        policy: BackoffPolicy | None = None,
+        *,
+        templates: TemplateCache | None = None,
+        secrets: SecretBox | None = None,
+    ):
         self._settings = settings
         self._owner = owner
         self._policy = policy or BackoffPolicy.from_settings(settings)
+        self._templates = templates
+        self._secrets = secrets
 
     async def deliver(self, job: Job, transport: Transport) -> Completion:
         """Decide, compose and send one job; returns the outcome to record."""
@@ -68,7 +87,9 @@ class Deliverer:
         if verdict is not None:
             return self._finish(attempt, verdict)
         try:
-            message = self._compose(job)
+            message = self._compose(await self._content(job))
+        except TransientDeliveryError as exc:  # the template could not be read now
+            return self._finish(attempt, self._after_error(attempt, exc, None))
         except ValidationError as exc:
             return self._finish(attempt, self._failed(attempt, f"cannot compose message: {exc}"))
         except Exception as exc:  # the same job would fail the same way every time
@@ -140,22 +161,52 @@ class Deliverer:
             )
         return None
 
-    def _compose(self, job: Job) -> OutgoingMessage:
-        """Build the message; a row whose JSON columns hold the wrong types is refused here.
+    async def _content(self, job: Job) -> Job:
+        """The job with the subject, text and html that will be sent: its template rendered.
 
-        So is a job that names a template: there is no template store to
-        render it from, and sending its body (or failing for want of one)
-        without saying so would hide that the template was never used.
-
-        The Message-ID is the job's own if it has one, else derived from the
-        job id and the sender's domain, so every attempt sends the same one.
+        The one place that decides a message's final content; `compose`
+        then checks and sanitizes it the same way whether it came from the
+        job or from a template. The template's parts win where it defines
+        them (a non-empty subject, a text or html body); the job's own
+        fields fill the rest, used as they are, not rendered. A template
+        that does not exist, an undefined variable, or variables that
+        cannot be decrypted fail the job (`ValidationError`); a database
+        that cannot be read now retries it (`TransientDeliveryError`).
         """
-        if job.template_id is not None:
-            raise ValidationError("template_id", f"unknown template {job.template_id!r}")
         if job.variables is not None and not isinstance(job.variables, dict):
             raise ValidationError(
                 "variables", f"must be a JSON object, not {type(job.variables).__name__}"
             )
+        if job.template_id is None:
+            return job
+        template = await self._templates.get(job.template_id) if self._templates else None
+        if template is None:
+            raise ValidationError(
+                "template_id",
+                f"unknown template {job.template_id!r} (add it with `mailqctl templates add`)",
+            )
+        try:
+            variables = unseal_variables(job.variables, self._secrets)
+        except SecretsError as exc:
+            raise ValidationError("variables", str(exc)) from None
+        if not isinstance(variables, dict):
+            raise ValidationError(
+                "variables", f"must be a JSON object, not {type(variables).__name__}"
+            )
+        rendered = render(template, variables)
+        return dataclasses.replace(
+            job,
+            subject=job.subject if rendered.subject is None else rendered.subject,
+            body=job.body if rendered.text is None else rendered.text,
+            html=job.html if rendered.html is None else rendered.html,
+        )
+
+    def _compose(self, job: Job) -> OutgoingMessage:
+        """Build the message; a row whose JSON columns hold the wrong types is refused here.
+
+        The Message-ID is the job's own if it has one, else derived from the
+        job id and the sender's domain, so every attempt sends the same one.
+        """
         if job.headers is not None and not isinstance(job.headers, dict):
             raise ValidationError(
                 "headers", f"must be a JSON object, not {type(job.headers).__name__}"

@@ -32,10 +32,12 @@ from mailqd.daemon.delivery import Deliverer
 from mailqd.daemon.heartbeat import Heartbeat, WorkerIdentity
 from mailqd.daemon.outage import DatabaseOutage
 from mailqd.daemon.ratelimit import RateLimiter
+from mailqd.daemon.templates import TemplateCache
 from mailqd.daemon.waiting import wait_any, with_timeout
 from mailqd.errors import DatabaseUnavailableError, StoreError
 from mailqd.metrics import WorkerMetrics
 from mailqd.models import Job, Outcome
+from mailqd.secrets import load_secret_box
 from mailqd.store import Completion, Store, check_schema
 from mailqd.store.notify import JobListener, supports_listen
 from mailqd.transport import Transport
@@ -168,7 +170,12 @@ class Worker:
         self._listen = supports_listen(self._database_url()) if listen is None else listen
         self._log = structlog.get_logger().bind(worker=owner)
         self._outage = DatabaseOutage()
-        self._deliverer = Deliverer(settings, owner)
+        self._deliverer = Deliverer(
+            settings,
+            owner,
+            templates=TemplateCache(store),
+            secrets=load_secret_box(settings.secrets_key_file),
+        )
         self._metrics = metrics
         self._limiter = RateLimiter(
             store, settings.rate_limit, on_wait=metrics.rate_limited if metrics else None

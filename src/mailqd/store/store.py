@@ -42,6 +42,7 @@ from mailqd.store.schema import (
     seconds_between,
     utcnow,
 )
+from mailqd.store.templates import TemplateStore
 
 T = TypeVar("T")
 q = email_queue
@@ -210,6 +211,11 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @property
+    def templates(self) -> TemplateStore:
+        """The message templates (`mailqctl templates`), in the same database."""
+        return TemplateStore(self._begin, self.dialect)
 
     @contextmanager
     def _begin(self) -> Iterator[sa.Connection]:

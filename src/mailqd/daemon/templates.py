@@ -1,0 +1,89 @@
+"""A worker's compiled templates, so a hot template costs no query and no parse per message.
+
+A template is read from the store at most once per `TEMPLATE_CACHE_SECONDS`
+per worker, however many messages use it: concurrent deliveries that need
+the same template wait for one read. A read that finds the same sources
+keeps the compiled template; changed sources are compiled again. So an
+edited template (`mailqctl templates add --replace`) is used by every
+worker within `TEMPLATE_CACHE_SECONDS` of the edit, and a deleted one fails
+jobs ("unknown template") within the same time. A template that is not
+found is not cached: a job naming it looks it up again, so a template added
+just after its jobs were queued is found at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailqd.errors import StoreError, TemplateNotFoundError, TransientDeliveryError
+from mailqd.models import Template
+from mailqd.store import Store
+from mailqd.templates import CompiledTemplate, compile_template
+
+__all__ = ["TEMPLATE_CACHE_SECONDS", "TemplateCache"]
+
+TEMPLATE_CACHE_SECONDS = 5.0
+"""How long a worker uses a template it read before reading it again."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    compiled: CompiledTemplate
+    read_at: float  # the clock's time
+
+
+class TemplateCache:
+    """Compiled templates by id, read through `store` (in a thread, off the event loop)."""
+
+    def __init__(
+        self,
+        store: Store,
+        ttl: float = TEMPLATE_CACHE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self._ttl = ttl
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+        self._reading: dict[str, asyncio.Task[Template | None]] = {}
+
+    async def get(self, template_id: str) -> CompiledTemplate | None:
+        """The template compiled, or None if there is none with this id.
+
+        Raises `TemplateError` if the stored sources do not compile (a row
+        written by plain SQL), and `TransientDeliveryError` if the database
+        cannot be read now (the job is retried later).
+        """
+        entry = self._entries.get(template_id)
+        if entry is not None and self._clock() - entry.read_at < self._ttl:
+            return entry.compiled
+        template = await self._read(template_id)
+        if template is None:
+            self._entries.pop(template_id, None)
+            return None
+        sources = (template.subject, template.text_body, template.html_body)
+        if entry is None or entry.compiled.sources != sources:
+            entry = _Entry(compile_template(template), self._clock())
+        entry.read_at = self._clock()
+        self._entries[template_id] = entry
+        return entry.compiled
+
+    async def _read(self, template_id: str) -> Template | None:
+        """One read per id at a time; deliveries that need it meanwhile share its result."""
+        reading = self._reading.get(template_id)
+        if reading is None:
+            reading = asyncio.create_task(asyncio.to_thread(self._read_now, template_id))
+            self._reading[template_id] = reading
+            reading.add_done_callback(lambda _: self._reading.pop(template_id, None))
+        return await asyncio.shield(reading)
+
+    def _read_now(self, template_id: str) -> Template | None:
+        try:
+            return self._store.templates.get(template_id)
+        except TemplateNotFoundError:
+            return None
+        except StoreError as exc:
+            raise TransientDeliveryError(f"cannot read template {template_id!r}: {exc}") from exc
