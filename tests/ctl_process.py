@@ -30,6 +30,8 @@ EVERY_COMMAND = [
     ["drain"],
     ["cleanup", "--days", "1"],
     ["enqueue", "--to", "a@example.com", "--body", "b"],
+    ["templates", "list"],
+    ["grant-enqueue", "some_role"],
 ]
 """Every command but `migrate`, with the arguments it needs to reach the database."""
 

@@ -271,7 +271,12 @@ def _bodies(text: str | None, html: str | None) -> list[RenderableType]:
 
 @click.group()
 def secrets() -> None:
-    """Keys for the secrets mailqd keeps encrypted in the database (template variables)."""
+    """Keys for the secrets mailqd keeps encrypted in the database (template variables).
+
+    \b
+    Example:
+      $ mailqctl secrets generate-key /etc/mailqd/secrets.key
+    """
 
 
 @secrets.command(name="generate-key")
