@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mailqd.credentials import redact_url, smtp_password_source
 from mailqd.errors import ConfigError
 
 ENV_PREFIX = "MAILQD_"
@@ -59,6 +60,22 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return _validated(dataclasses.replace(self, **changes))
+
+    def __repr__(self) -> str:
+        """Safe to log: URL passwords show as `***`, and `smtp_password` not at all."""
+        shown = (
+            f"{f.name}={_shown(f.name, getattr(self, f.name))}" for f in fields(self) if f.repr
+        )
+        return f"Settings({', '.join(shown)})"
+
+
+# Keys whose values may hold a password: shown redacted, never quoted in errors.
+_URL_KEYS = frozenset({"database_url", "smtp_url"})
+_SECRET_KEYS = _URL_KEYS | {"smtp_password"}
+
+
+def _shown(name: str, value: Any) -> str:
+    return repr(redact_url(value) if name in _URL_KEYS else value)
 
 
 # Names in the file and environment that differ from the attribute name.
@@ -145,7 +162,8 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
     kind = {"int": int, "float": float, "str": str}[str(type_name)]
     if kind is str:
         if not isinstance(value, str):
-            raise ConfigError(key, f"must be a string, got {value!r}")
+            got = "" if key in _SECRET_KEYS else f", got {value!r}"
+            raise ConfigError(key, f"must be a string{got}")
         return value
     if isinstance(value, bool):
         raise ConfigError(key, f"must be a number, got {value!r}")
@@ -170,6 +188,7 @@ def _validated(settings: Settings) -> Settings:
         if "choices" in rule and value not in rule["choices"]:
             raise ConfigError(public, f"must be one of {', '.join(rule['choices'])}, got {value!r}")
     _check_listen(settings.metrics_listen)
+    smtp_password_source(settings, env={})  # two passwords set: say so before anything runs
     if settings.backoff_max < settings.backoff_base:
         raise ConfigError("backoff_max", "must be at least backoff_base")
     from mailqd.store.engine import normalize_url

@@ -4,6 +4,9 @@ Logs go to stderr: JSON lines when stderr is not a terminal (systemd, a log
 shipper) or when `log_format = "json"`, readable console lines otherwise.
 They never hold message bodies or passwords, and e-mail addresses are
 masked (`a***@example.com`) so that a log archive is not a mailing list.
+As a last line of defence, every secret the settings hold or point to (URL
+passwords, the SMTP password) is replaced by `***` in every line, library
+lines and tracebacks included, whatever put it there.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from typing import TextIO
+from collections.abc import Sequence
+from typing import Any, TextIO
 
 import structlog
 
 from mailqd.config import Settings
+from mailqd.credentials import scrub, secrets_of
 
 __all__ = ["configure_logging", "mask_address", "mask_addresses_in"]
 
@@ -61,6 +66,9 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
         if use_json
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
+    secrets = secrets_of(settings)
+    if secrets:
+        renderer = _scrubbing(renderer, secrets)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -107,6 +115,18 @@ def _route_stdlib_logging(
         old.close()
     root.addHandler(handler)
     root.setLevel(level)
+
+
+def _scrubbing(
+    renderer: structlog.typing.Processor, secrets: Sequence[str]
+) -> structlog.typing.Processor:
+    """The renderer, with every secret replaced by `***` in the line it renders."""
+
+    def render(logger: Any, name: str, event: structlog.typing.EventDict) -> Any:
+        line = renderer(logger, name, event)
+        return scrub(line, secrets) if isinstance(line, str) else line
+
+    return render
 
 
 def _add_logger_name(

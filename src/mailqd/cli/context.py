@@ -68,16 +68,27 @@ class Context:
         if self._store is not None:
             self._store.close()
 
+    def hide_secrets(self, text: str) -> str:
+        """`text` with the passwords of the loaded settings (if any) as `***`."""
+        if self._settings is None:
+            return text
+        from mailqd.credentials import scrub, secrets_of
+
+        return scrub(text, secrets_of(self._settings))
+
 
 def reports_errors(command: F) -> F:
-    """Turn a mailqd error into one line on stderr and exit code 1."""
+    """Turn a mailqd error into one line on stderr (no password in it) and exit code 1."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except MailqError as exc:
-            click.echo(f"mailqctl: {exc}", err=True)
+            click_context = click.get_current_context(silent=True)
+            state = click_context.find_object(Context) if click_context else None
+            text = state.hide_secrets(str(exc)) if state else str(exc)
+            click.echo(f"mailqctl: {text}", err=True)
             sys.exit(EXIT_FAILURE)
 
     return wrapper  # type: ignore[return-value]

@@ -9,8 +9,8 @@ convention).
 
 The commands live in modules by role: `inspect` (stats, failed, show),
 `top`, `repair` (retry, requeue, cancel, drain), `maintain` (migrate,
-cleanup), `enqueue` and `templates` (templates, secrets); `output` prints
-tables or `--json` for all of them.
+cleanup), `enqueue`, `templates` (templates, secrets) and `roles`
+(grant-enqueue); `output` prints tables or `--json` for all of them.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from mailqd.cli.enqueue import enqueue
 from mailqd.cli.inspect import failed, show, stats
 from mailqd.cli.maintain import cleanup, migrate
 from mailqd.cli.repair import cancel, drain, requeue, retry
+from mailqd.cli.roles import grant_enqueue
 from mailqd.cli.templates import secrets, templates
 from mailqd.cli.top import top
 
@@ -49,6 +50,7 @@ def cli(ctx: click.Context, config_path: str | None, database_url: str | None) -
 for command in (migrate, stats, failed, show, top, enqueue, retry, requeue, cancel, drain, cleanup):
     cli.add_command(command)
 cli.add_command(templates)
+cli.add_command(grant_enqueue)
 cli.add_command(secrets)
 
 

@@ -17,18 +17,18 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import click
 
 from mailqd import __version__
 from mailqd.config import Settings, load_settings
+from mailqd.credentials import redact_url, scrub, secrets_of, smtp_password_source
 from mailqd.daemon.supervisor import KILL_GRACE, Supervisor, WorkerEntry, open_store
 from mailqd.errors import MailqError
 from mailqd.logging import configure_logging
 from mailqd.secrets import load_secret_box
 from mailqd.store import check_schema
-from mailqd.transport import redact_url, transport_from_url
+from mailqd.transport import transport_from_settings
 
 __all__ = ["check_configuration", "load_daemon_settings", "main", "run_daemon"]
 
@@ -84,11 +84,12 @@ def load_daemon_settings(
 ) -> Settings:
     """The settings, validated as far as possible without starting a worker.
 
-    Beyond `load_settings`, the SMTP URL is parsed here, so that a bad one
-    fails at start (or is refused on reload) rather than in every worker.
+    Beyond `load_settings`, the SMTP URL is parsed and the SMTP password
+    read here, so that a bad one fails at start (or is refused on reload)
+    rather than in every worker.
     """
     settings = load_settings(config_path, overrides=overrides)
-    transport_from_url(settings.smtp_url, timeout=settings.smtp_timeout)
+    transport_from_settings(settings)
     load_secret_box(settings.secrets_key_file)  # a bad key file fails here, not in workers
     return settings
 
@@ -96,7 +97,11 @@ def load_daemon_settings(
 def check_configuration(
     config_path: str | Path | None, overrides: Mapping[str, Any] | None = None
 ) -> int:
-    """`mailqd --check-config`: one line on stdout and 0, or one line on stderr and 1."""
+    """`mailqd --check-config`: one line on stdout and 0, or one line on stderr and 1.
+
+    The line shows the URLs with their passwords as `***`, and where the
+    SMTP password comes from, never the password.
+    """
     settings: Settings | None = None
     try:
         settings = load_daemon_settings(config_path, overrides)
@@ -104,9 +109,12 @@ def check_configuration(
     except MailqError as exc:
         return _fail(exc, settings)
     plural = "" if settings.workers == 1 else "s"
+    source = smtp_password_source(settings)
+    password = f" (password from {source})" if source else ""
     click.echo(
         f"mailqd: configuration OK (database {redact_url(settings.database_url)}, "
-        f"schema {revision}, {settings.workers} worker{plural})"
+        f"schema {revision}, smtp {redact_url(settings.smtp_url)}{password}, "
+        f"{settings.workers} worker{plural})"
     )
     return 0
 
@@ -160,25 +168,7 @@ def _schema_revision(database_url: str) -> str:
 
 
 def _fail(exc: MailqError, settings: Settings | None) -> int:
-    click.echo(f"mailqd: {_without_secrets(str(exc), settings)}", err=True)
+    # Belt and braces: no driver message may echo a password back to the terminal.
+    text = str(exc) if settings is None else scrub(str(exc), secrets_of(settings))
+    click.echo(f"mailqd: {text}", err=True)
     return EXIT_CONFIG
-
-
-def _without_secrets(text: str, settings: Settings | None) -> str:
-    """Belt and braces: no driver message may echo a password back to the terminal."""
-    if settings is None:
-        return text
-    for url in (settings.database_url, settings.smtp_url):
-        password = _password_in(url)
-        if password:
-            text = text.replace(password, "***").replace(unquote(password), "***")
-    return text
-
-
-def _password_in(url: str) -> str | None:
-    _, separator, rest = url.partition("://")
-    userinfo, at, _ = rest.rpartition("@")
-    if not separator or not at:
-        return None
-    _, colon, password = userinfo.partition(":")
-    return password if colon and password else None

@@ -66,7 +66,7 @@ from mailqd.daemon.heartbeat import Heartbeat, WorkerIdentity
 from mailqd.daemon.sidecar import Sidecar
 from mailqd.errors import ConfigError, MailqError, SchemaError
 from mailqd.store import Store, check_schema
-from mailqd.transport import redact_url
+from mailqd.transport import redact_url, tls_verification_off
 
 __all__ = [
     "EXIT_FORCED",
@@ -232,6 +232,7 @@ class Supervisor:
                 database=redact_url(self.settings.database_url),
                 schema=revision,
             )
+            warn_if_tls_unverified(self.settings)
             self._start_generation(self.settings)
             self._notify("READY=1")
             self._main_loop()
@@ -387,6 +388,7 @@ class Supervisor:
         else:
             old = list(self.workers.values())
             self._reconfigure_logging(settings)
+            warn_if_tls_unverified(settings)
             if settings.metrics_listen != self.settings.metrics_listen:
                 log.warning(
                     "metrics_listen changed; the sidecar keeps its address until mailqd restarts",
@@ -732,6 +734,21 @@ def open_store(url: str) -> Store:
     if make_url(url).get_backend_name() == "postgresql":
         options["connect_args"] = {"connect_timeout": DB_CONNECT_TIMEOUT}
     return Store.from_url(url, **options)
+
+
+def warn_if_tls_unverified(settings: Settings) -> None:
+    """One warning when the SMTP server's certificate is not checked (`tls_verify=false`).
+
+    Logged by the supervisor when it starts or reloads, not by each worker
+    or connection, so it stands out instead of scrolling by.
+    """
+    if tls_verification_off(settings.smtp_url):
+        log.warning(
+            "TLS certificate verification is off (tls_verify=false in smtp_url): anyone on "
+            "the network path can pose as the mail server and read the mail and the SMTP "
+            "password; remove tls_verify=false or trust the server's CA instead",
+            smtp=redact_url(settings.smtp_url),
+        )
 
 
 def _describe_exit(code: int) -> dict[str, int | str]:

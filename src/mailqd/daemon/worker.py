@@ -605,11 +605,17 @@ async def _stop_when_orphaned(supervisor: int, stop: asyncio.Event, owner: str) 
 
 
 async def checked_transport_factory(settings: Settings) -> TransportFactory:
-    """The factory of the slots' transports, tried once now so a bad URL fails at start."""
-    from mailqd.transport import transport_from_url
+    """The factory of the slots' transports, tried once now so a bad URL fails at start.
+
+    The SMTP password is read once here (it may come from a file), not per slot.
+    """
+    from mailqd.credentials import smtp_password
+    from mailqd.transport import transport_from_settings
+
+    password = smtp_password(settings)
 
     def make_transport() -> Transport:
-        return transport_from_url(settings.smtp_url, timeout=settings.smtp_timeout)
+        return transport_from_settings(settings, password)
 
     await make_transport().close()
     return make_transport

@@ -47,8 +47,13 @@ def make_engine(url: str, **kwargs: Any) -> sa.Engine:
     SQLite serialises writers; taking the lock up front (`BEGIN IMMEDIATE`)
     makes the read-then-update of a claim atomic across processes and avoids
     the deadlock of two readers both trying to upgrade.
+
+    Statement parameters (recipients, bodies) are kept out of SQLAlchemy's
+    error messages and logs (`hide_parameters`), so a failed write never
+    puts a message into a log line or a traceback.
     """
     parsed = normalize_url(url)
+    kwargs.setdefault("hide_parameters", True)
     if parsed.get_backend_name() == "postgresql":
         kwargs.setdefault("pool_pre_ping", True)
         kwargs.setdefault("pool_size", 5)

@@ -1,6 +1,6 @@
 """The only place that speaks SMTP: a small `Transport` interface and its implementations.
 
-`transport_from_url(settings.smtp_url)` picks the implementation:
+`transport_from_settings(settings)` (or `transport_from_url(url)`) picks the implementation:
 `smtp://` and `smtps://` (a real server), `maildir:///path` (files, for
 development) and `null://` (discard, for benchmarks).
 """
@@ -9,7 +9,12 @@ from mailqd.transport.base import SendResult, Transport
 from mailqd.transport.local import MaildirTransport, NullTransport
 from mailqd.transport.settings import SmtpSettings, StartTLS, Timeouts
 from mailqd.transport.smtp import SmtpTransport
-from mailqd.transport.url import redact_url, transport_from_url
+from mailqd.transport.url import (
+    redact_url,
+    tls_verification_off,
+    transport_from_settings,
+    transport_from_url,
+)
 
 __all__ = [
     "MaildirTransport",
@@ -21,5 +26,7 @@ __all__ = [
     "Timeouts",
     "Transport",
     "redact_url",
+    "tls_verification_off",
+    "transport_from_settings",
     "transport_from_url",
 ]

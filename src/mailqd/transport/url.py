@@ -11,15 +11,26 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
+from mailqd.credentials import redact_url, smtp_password
 from mailqd.errors import ConfigError
 from mailqd.transport.base import Transport
 from mailqd.transport.local import MaildirTransport, NullTransport
 from mailqd.transport.settings import SmtpSettings, StartTLS, Timeouts
 from mailqd.transport.smtp import SmtpTransport
 
-__all__ = ["parse_smtp_url", "redact_url", "transport_from_url"]
+if TYPE_CHECKING:
+    from mailqd.config import Settings
+
+__all__ = [
+    "parse_smtp_url",
+    "redact_url",
+    "tls_verification_off",
+    "transport_from_settings",
+    "transport_from_url",
+]
 
 CONFIG_KEY = "smtp_url"
 DEFAULT_PORTS = {"smtp": 25, "smtps": 465}
@@ -32,9 +43,21 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
 
+def transport_from_settings(settings: Settings, password: str | None = None) -> Transport:
+    """The transport of `smtp_url`, logging in with the SMTP password from wherever it is set.
+
+    `password`, when given, is used instead of resolving it again (see
+    `mailqd.credentials.smtp_password` for the sources and their order).
+    """
+    if password is None:
+        password = smtp_password(settings)
+    return transport_from_url(settings.smtp_url, password=password, timeout=settings.smtp_timeout)
+
+
 def transport_from_url(
     url: str,
     *,
+    password: str | None = None,
     timeout: float = 30.0,
     connect_timeout: float | None = None,
     data_timeout: float | None = None,
@@ -44,12 +67,14 @@ def transport_from_url(
 
     `timeout` is the default for every network step; a `timeout=` in the URL
     replaces it. `connect_timeout` and `data_timeout`, when given, override
-    the connect (including TLS and login) and end-of-DATA waits.
+    the connect (including TLS and login) and end-of-DATA waits. `password`
+    is the SMTP password when the URL names the user but not the password.
     """
     scheme = _scheme(url)
     if scheme in DEFAULT_PORTS:
         settings = parse_smtp_url(
             url,
+            password=password,
             timeout=timeout,
             connect_timeout=connect_timeout,
             data_timeout=data_timeout,
@@ -67,12 +92,17 @@ def transport_from_url(
 def parse_smtp_url(
     url: str,
     *,
+    password: str | None = None,
     timeout: float = 30.0,
     connect_timeout: float | None = None,
     data_timeout: float | None = None,
     local_hostname: str | None = None,
 ) -> SmtpSettings:
-    """Parse `smtp://[user[:pass]@]host[:port][?options]` (or `smtps://`) into settings."""
+    """Parse `smtp://[user[:pass]@]host[:port][?options]` (or `smtps://`) into settings.
+
+    `password` is the password of a URL that names only the user (it came
+    from another source); a URL holding a password as well is refused.
+    """
     scheme = _scheme(url)
     if scheme not in DEFAULT_PORTS:
         raise ConfigError(CONFIG_KEY, "scheme must be smtp:// or smtps://")
@@ -87,7 +117,7 @@ def parse_smtp_url(
         raise ConfigError(
             CONFIG_KEY, "starttls does not apply to smtps:// (TLS from the start); use smtp://"
         )
-    username, password = _credentials(parts)
+    username, password = _credentials(parts, password)
     base_timeout = _timeout(options["timeout"]) if "timeout" in options else timeout
     return SmtpSettings(
         host=_host(parts),
@@ -106,23 +136,11 @@ def parse_smtp_url(
     )
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by `***`, safe to log or print.
-
-    Works on the raw text, so that it also hides a password whose special
-    characters were not percent-encoded: everything between the first `:`
-    after `://` and the last `@` is treated as the password.
-    """
-    scheme, separator, rest = url.partition("://")
-    if not separator:
-        return url
-    at = rest.rfind("@")
-    if at == -1:
-        return url
-    user, colon, _ = rest[:at].partition(":")
-    if not colon:
-        return url
-    return f"{scheme}://{user}:***@{rest[at + 1 :]}"
+def tls_verification_off(url: str) -> bool:
+    """Whether an `smtp://` or `smtps://` URL turns certificate checks off (`tls_verify=false`)."""
+    if _scheme(url) not in DEFAULT_PORTS:
+        return False
+    return not _boolean(_options(_split(url).query).get("tls_verify", "true"), "tls_verify")
 
 
 def _scheme(url: object) -> str:
@@ -162,18 +180,24 @@ def _port(parts: SplitResult, default: int) -> int:
     return port
 
 
-def _credentials(parts: SplitResult) -> tuple[str | None, str | None]:
-    raw_user, raw_password = parts.username, parts.password
+def _credentials(parts: SplitResult, password: str | None) -> tuple[str | None, str | None]:
+    raw_user, raw_password = parts.username, parts.password or None
     if raw_user is None:
+        if password is not None:
+            raise ConfigError(CONFIG_KEY, "an SMTP password is set but the URL has no user name")
         return None, None
     user = unquote(raw_user)
     if not user:
         raise ConfigError(CONFIG_KEY, "a password is given without a user name")
-    if raw_password is None:
+    if raw_password is not None and password is not None:
+        raise ConfigError(CONFIG_KEY, "the URL holds a password and another one is set")
+    if raw_password is None and password is None:
         raise ConfigError(
-            CONFIG_KEY, "a user name is given without a password; write user:password@host"
+            CONFIG_KEY,
+            "a user name is given without a password; write user:password@host, or set "
+            "smtp_password, smtp_password_file or the systemd credential smtp_password",
         )
-    return user, unquote(raw_password)
+    return user, unquote(raw_password) if raw_password is not None else password
 
 
 def _options(query: str) -> dict[str, str]:
