@@ -15,7 +15,7 @@ conditions with deadlines, never sleeps.
 
 Use the `smtp_server` fixture (import `smtp_server_fixture` into a test
 module, or register this module as a pytest plugin), or `SmtpServer` as a
-context manager for variants (STARTTLS, implicit TLS, AUTH).
+context manager for variants (STARTTLS, implicit TLS, AUTH, SMTPUTF8).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class ReceivedMessage:
     data: bytes
     connection: int  # 1 for the first connection the server accepted, and so on
     tls: bool
+    mail_options: tuple[str, ...] = ()  # e.g. ("SIZE=123", "SMTPUTF8")
 
     def parsed(self) -> EmailMessage:
         return BytesParser(policy=email.policy.default).parsebytes(self.data)
@@ -71,6 +72,7 @@ class SmtpServer:
         implicit_tls_context: ssl.SSLContext | None = None,
         auth: tuple[str, str] | None = None,
         port: int = 0,
+        smtputf8: bool = True,
     ) -> None:
         self.host = "127.0.0.1"
         self.port = port  # 0: an ephemeral port; a fixed one lets a test "restart" a server
@@ -94,6 +96,8 @@ class SmtpServer:
             smtp_options["tls_context"] = starttls_context
         if auth is not None:
             smtp_options.update(authenticator=self._authenticate, auth_require_tls=False)
+        # Whether EHLO offers SMTPUTF8 (RFC 6531); aiosmtpd's Controller offers it by default.
+        smtp_options["enable_SMTPUTF8"] = smtputf8
         self._controller = _Controller(
             self, _Handler(self), ssl_context=implicit_tls_context, **smtp_options
         )
@@ -236,6 +240,7 @@ class _Handler:
                 data=bytes(envelope.original_content or b""),
                 connection=self._owner._connection_number(server),
                 tls=_is_tls(server),
+                mail_options=tuple(envelope.mail_options),
             )
             self._owner._record(lambda: self._owner.messages.append(message))
         return await _answer(server, reply)

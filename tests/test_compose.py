@@ -403,7 +403,10 @@ def test_long_non_ascii_display_name_is_split_into_valid_encoded_words() -> None
         ({"recipient_to": "alice@example.org <bob@example.com>"}, InvalidAddressError),
         ({"recipient_to": "a@example.com,,b@example.com"}, InvalidAddressError),
         ({"recipient_to": "Bob <bob@example.com> extra"}, InvalidAddressError),
-        ({"recipient_to": "jörg@example.com"}, InvalidAddressError),
+        ({"recipient_to": "jö\u200brg@example.com"}, InvalidAddressError),  # invisible
+        ({"recipient_to": "jö\u00a0rg@example.com"}, InvalidAddressError),  # no-break space
+        ({"recipient_to": "jörg..x@example.com"}, InvalidAddressError),
+        ({"recipient_to": "ö" * 33 + "@example.com"}, InvalidAddressError),  # 66 octets
         ({"recipient_to": "x" * 65 + "@example.com"}, InvalidAddressError),
         ({"recipient_to": ""}, InvalidAddressError),
         ({"recipient_to": " , "}, InvalidAddressError),

@@ -11,7 +11,15 @@ generator manages under a thousand.
 Everything that comes from a job is untrusted: a row inserted with plain SQL
 may hold anything. Whatever cannot be turned into a safe message raises
 `ValidationError` (or one of its subclasses), which the daemon records as a
-permanent failure of that job; nothing here may crash the worker.
+permanent failure of that job; nothing here may crash the worker. The size
+limits (`mailqd.validation.Limits`) are checked here too, with the same
+functions the client uses, and every HTML part is sanitized
+(`mailqd.sanitize.sanitize_html`).
+
+Addresses with a non-ASCII local part are written as UTF-8 in the headers
+(RFC 6532) and the message is marked `smtputf8`, for the transport to send
+it with SMTPUTF8 or refuse it. Subjects and display names stay RFC 2047
+encoded, so every other message is plain ASCII.
 """
 
 from __future__ import annotations
@@ -20,11 +28,13 @@ import base64
 import binascii
 import os
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.header import Header
 from email.utils import format_datetime, getaddresses, quote
+from functools import lru_cache
 from html.parser import HTMLParser
 
 from mailqd.errors import (
@@ -34,6 +44,15 @@ from mailqd.errors import (
     ValidationError,
 )
 from mailqd.models import Job
+from mailqd.sanitize import CACHED_UP_TO, sanitize_html
+from mailqd.validation import (
+    DEFAULT_LIMITS,
+    Limits,
+    check_body_size,
+    check_header_count,
+    check_recipient_count,
+    check_subject_length,
+)
 
 __all__ = ["OutgoingMessage", "compose", "html_to_text", "make_message_id"]
 
@@ -91,18 +110,22 @@ class OutgoingMessage:
     """A message ready for a transport: the SMTP envelope plus the exact bytes.
 
     `sender` and `recipients` are bare addresses for MAIL FROM / RCPT TO;
-    Bcc recipients are in `recipients` and nowhere in `data`.
+    Bcc recipients are in `recipients` and nowhere in `data`. `smtputf8`:
+    an address (envelope or header) has a non-ASCII local part, so the
+    message can only go to a server that offers SMTPUTF8.
     """
 
     sender: str
     recipients: tuple[str, ...]
     data: bytes
     message_id: str
+    smtputf8: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class _Address:
-    """One parsed mailbox: its display name and its ASCII addr-spec."""
+    """One parsed mailbox: its display name and its addr-spec (ASCII domain; the local
+    part is ASCII unless the address needs SMTPUTF8)."""
 
     name: str
     addr_spec: str
@@ -138,18 +161,21 @@ def compose(
     default_from: str,
     message_id: str | None = None,
     now: datetime | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> OutgoingMessage:
     """Turn a job into an `OutgoingMessage`, or raise `ValidationError` saying why not.
 
     `job.subject`, `job.body` and `job.html` are used as given (templates are
-    rendered before this). The Message-ID is, in order: the job's own, the
-    one passed in, or one derived from the job id and the From domain.
+    rendered before this), except that the html is sanitized. The
+    Message-ID is, in order: the job's own, the one passed in, or one
+    derived from the job id and the From domain.
     """
     sender = _parse_single_address(job.from_address or default_from, "from_address")
     to = _parse_address_list(job.recipient_to, "recipient_to")
     cc = _parse_address_list(job.cc, "cc")
     bcc = _parse_address_list(job.bcc, "bcc")
     reply_to = _parse_address_list(job.reply_to, "reply_to")
+    check_recipient_count("recipient_to", len(to) + len(cc) + len(bcc), limits)
     recipients = _envelope_recipients((*to, *cc, *bcc))
     if not recipients:
         raise InvalidAddressError("recipient_to", "the message has no recipients")
@@ -157,7 +183,14 @@ def compose(
     msg_id = _normalize_message_id(
         job.message_id or message_id or make_message_id(job.id, sender.domain)
     )
-    content_headers, body = _body(_text_field(job.body, "body"), _text_field(job.html, "html"))
+    subject = _text_field(job.subject, "subject") or ""
+    check_subject_length(subject, limits)
+    text, html = _text_field(job.body, "body"), _text_field(job.html, "html")
+    check_body_size("body", text, limits)
+    check_body_size("html", html, limits)
+    if isinstance(job.headers, Mapping):
+        check_header_count(len(job.headers), limits)
+    content_headers, body = _body(text, html)
     lines = [
         f"Date: {format_datetime(_aware(now))}",
         _address_header("From", [sender], "from_address"),
@@ -167,16 +200,19 @@ def compose(
         lines.append(_address_header("Cc", cc, "cc"))
     if reply_to:
         lines.append(_address_header("Reply-To", reply_to, "reply_to"))
-    lines.append(
-        _unstructured_header("Subject", _text_field(job.subject, "subject") or "", "subject")
-    )
+    lines.append(_unstructured_header("Subject", subject, "subject"))
     lines.append(f"Message-ID: {msg_id}")
     lines.append("MIME-Version: 1.0")
     lines.extend(_extra_headers(job.headers))
     lines.extend(content_headers)
-    head = (CRLF.join(lines) + CRLF + CRLF).encode("ascii")
+    smtputf8 = not all(a.addr_spec.isascii() for a in (sender, *to, *cc, *bcc, *reply_to))
+    head = (CRLF.join(lines) + CRLF + CRLF).encode("utf-8" if smtputf8 else "ascii")
     return OutgoingMessage(
-        sender=sender.addr_spec, recipients=recipients, data=head + body, message_id=msg_id
+        sender=sender.addr_spec,
+        recipients=recipients,
+        data=head + body,
+        message_id=msg_id,
+        smtputf8=smtputf8,
     )
 
 
@@ -243,21 +279,37 @@ def _make_address(name: str, addr_spec: str, field: str) -> _Address:
 
 
 def _checked_addr_spec(addr_spec: str, field: str) -> str:
-    """Return the addr-spec in ASCII (IDNA for the domain), or raise why it is unusable."""
+    """Return the addr-spec with an ASCII domain (IDNA), or raise why it is unusable.
+
+    A non-ASCII local part is kept (it is sent with SMTPUTF8, RFC 6531),
+    provided it is a dot-atom whose non-ASCII characters are letters, marks,
+    digits, punctuation or symbols: no spaces, controls or invisible ones.
+    """
     local, at, domain = addr_spec.rpartition("@")
     if not at or not local or not domain:
         raise InvalidAddressError(field, "an address has no local part, @ or domain")
-    if not local.isascii():
-        raise InvalidAddressError(
-            field, "non-ASCII local parts need SMTPUTF8, which mailqd does not send"
-        )
-    if len(local) > 64 or not _LOCAL_PART.match(local):
+    if not _valid_local_part(local):
         raise InvalidAddressError(field, "an address has a malformed local part")
     domain = _ascii_domain(domain, field)
     checked = f"{local}@{domain}"
     if len(checked) > 254:
         raise InvalidAddressError(field, "an address is longer than 254 characters")
     return checked
+
+
+def _valid_local_part(local: str) -> bool:
+    if local.isascii():
+        return len(local) <= 64 and _LOCAL_PART.match(local) is not None
+    if len(local.encode("utf-8", "surrogatepass")) > 64:
+        return False
+    ascii_form = "".join(
+        char if char.isascii() else "a" for char in local if _usable_in_local_part(char)
+    )
+    return len(ascii_form) == len(local) and _LOCAL_PART.match(ascii_form) is not None
+
+
+def _usable_in_local_part(char: str) -> bool:
+    return char.isascii() or unicodedata.category(char)[0] in "LMNPS"
 
 
 def _ascii_domain(domain: str, field: str) -> str:
@@ -412,15 +464,19 @@ def _body(text: str | None, html: str | None) -> tuple[list[str], bytes]:
 
     text only: text/plain. Any html: multipart/alternative with a plain-text
     part first (generated from the html when the job has none), as clients
-    show the last alternative they understand.
+    show the last alternative they understand. The html is sanitized first,
+    and the generated text comes from what is left of it.
     """
     if html is None:
         if text is None:
             raise MissingContentError("body", "the message has neither a body nor html")
         headers, body = _encode_text_part(text, "plain")
         return headers, body if body.endswith(b"\r\n") or not body else body + b"\r\n"
+    if _SURROGATE.search(html):
+        raise ValidationError("html", "is not valid Unicode text")
+    html = sanitize_html(html)
     if text is None:
-        text = html_to_text(html)
+        text = _text_of_html(html)
     text_headers, text_body = _encode_text_part(text, "plain")
     html_headers, html_body = _encode_text_part(html, "html")
     boundary = _boundary(text_body, html_body)
@@ -496,6 +552,13 @@ def _share_of_8bit(raw: bytes) -> float:
 # --- html to text ------------------------------------------------------------
 
 
+def _text_of_html(html: str) -> str:
+    """`html_to_text`, cached for the bodies `sanitize_html` caches (mail to many, same html)."""
+    if len(html) <= CACHED_UP_TO:
+        return _cached_html_to_text(html)
+    return html_to_text(html)
+
+
 def html_to_text(html: str) -> str:
     """A readable plain-text rendering of an HTML body, for the text/plain alternative.
 
@@ -507,6 +570,11 @@ def html_to_text(html: str) -> str:
     extractor.feed(html)
     extractor.close()
     return extractor.text()
+
+
+@lru_cache(maxsize=256)
+def _cached_html_to_text(html: str) -> str:
+    return html_to_text(html)
 
 
 class _TextExtractor(HTMLParser):

@@ -43,6 +43,13 @@ class MissingContentError(ValidationError):
     """A message has neither body, html nor template."""
 
 
+class LimitExceededError(ValidationError):
+    """A message is over a configured limit (max_recipients, max_subject_length, ...).
+
+    The problem names the limit's config key, so an operator knows what to raise.
+    """
+
+
 class TemplateError(ValidationError):
     """A template cannot be compiled or rendered: bad syntax, an undefined variable, the sandbox.
 

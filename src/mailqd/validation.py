@@ -8,23 +8,27 @@ a `mailqd.errors.ValidationError` subclass naming the field and the problem.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import getaddresses
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from email_validator import EmailNotValidError, validate_email
 
 from mailqd.errors import (
     HeaderInjectionError,
     InvalidAddressError,
+    LimitExceededError,
     MissingContentError,
     ValidationError,
 )
+from mailqd.ids import new_job_id
 from mailqd.models import NewJob
+
+if TYPE_CHECKING:
+    from mailqd.config import Settings
 
 Recipients = str | Iterable[str] | None
 
@@ -59,7 +63,14 @@ _NEEDS_FULL_PARSE = re.compile(r"[<>\"()\\]")
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Size limits on what may be queued. Defaults suit transactional mail."""
+    """Size limits on what may be queued, and on what the daemon will send.
+
+    The defaults are those of the `max_*` config keys. The daemon and
+    `mailqctl enqueue` build theirs with `Limits.from_settings`; an
+    application passes its own to `Client(..., limits=...)`, and should use
+    the daemon's values (or lower ones): a job over the daemon's limits is
+    queued, then fails at its first attempt naming the limit.
+    """
 
     max_recipients: int = 100
     max_address_length: int = 254  # RFC 5321 path limit
@@ -67,8 +78,51 @@ class Limits:
     max_body_bytes: int = 10 * 1024 * 1024
     max_header_count: int = 50
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(
+            max_recipients=settings.max_recipients,
+            max_subject_length=settings.max_subject_length,
+            max_body_bytes=settings.max_body_bytes,
+        )
+
 
 DEFAULT_LIMITS = Limits()
+
+
+def check_recipient_count(field: str, count: int, limits: Limits) -> None:
+    if count > limits.max_recipients:
+        raise LimitExceededError(
+            field, f"more than {limits.max_recipients} recipients in all (max_recipients)"
+        )
+
+
+def check_subject_length(subject: str, limits: Limits) -> None:
+    if len(subject) > limits.max_subject_length:
+        raise LimitExceededError(
+            "subject",
+            f"longer than {limits.max_subject_length} characters (max_subject_length)",
+        )
+
+
+def check_body_size(field: str, text: str | None, limits: Limits) -> None:
+    """Refuse a body over `max_body_bytes` in UTF-8; encodes only when the length is unclear."""
+    if text is None or len(text) * 4 <= limits.max_body_bytes:
+        return
+    size = len(text) if len(text) > limits.max_body_bytes else _utf8_size(text)
+    if size > limits.max_body_bytes:
+        raise LimitExceededError(
+            field, f"larger than {limits.max_body_bytes} bytes (max_body_bytes)"
+        )
+
+
+def _utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_header_count(count: int, limits: Limits) -> None:
+    if count > limits.max_header_count:
+        raise LimitExceededError("headers", f"more than {limits.max_header_count} extra headers")
 
 
 def check_no_injection(field: str, value: str) -> None:
@@ -81,14 +135,14 @@ def check_no_injection(field: str, value: str) -> None:
 def _check_addr_spec(addr: str) -> str:
     """The address normalised, or `InvalidAddressError`.
 
-    A non-ASCII local part is refused here (internationalised domains are
-    fine): it needs SMTPUTF8, which the composer does not send, so such a
-    job would be queued only to fail at delivery.
+    Internationalised addresses are accepted: a non-ASCII local part is sent
+    with SMTPUTF8 (the job fails at delivery if the server does not offer
+    it), an internationalised domain as punycode.
     """
     if _SIMPLE_ADDRESS.match(addr):
         return addr
     try:
-        return validate_email(addr, check_deliverability=False, allow_smtputf8=False).normalized
+        return validate_email(addr, check_deliverability=False, allow_smtputf8=True).normalized
     except EmailNotValidError as exc:
         raise InvalidAddressError(
             "address", f"{addr!r} is not a valid e-mail address: {exc}"
@@ -153,8 +207,7 @@ def _check_headers(headers: Mapping[str, str] | None, limits: Limits) -> dict[st
         return None
     if not isinstance(headers, Mapping):
         raise ValidationError("headers", "must be a mapping of header name to value")
-    if len(headers) > limits.max_header_count:
-        raise ValidationError("headers", f"more than {limits.max_header_count} extra headers")
+    check_header_count(len(headers), limits)
     checked: dict[str, str] = {}
     for name, value in headers.items():
         if not isinstance(name, str) or not isinstance(value, str):
@@ -181,15 +234,14 @@ def _check_datetime(field: str, value: datetime | None) -> datetime | None:
     return value
 
 
-def _check_text(field: str, value: str | None, max_bytes: int) -> str | None:
+def _check_text(field: str, value: str | None, limits: Limits) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
         raise ValidationError(field, f"must be a string, got {type(value).__name__}")
     if "\x00" in value:
         raise ValidationError(field, "must not contain NUL characters")
-    if len(value) > max_bytes or len(value.encode("utf-8")) > max_bytes:
-        raise ValidationError(field, f"larger than {max_bytes} bytes")
+    check_body_size(field, value, limits)
     return value
 
 
@@ -219,8 +271,7 @@ def build_job(
     bcc_list = parse_addresses("bcc", bcc, limits)
     if not to_list:
         raise InvalidAddressError("to", "at least one recipient is required")
-    if len(to_list) + len(cc_list) + len(bcc_list) > limits.max_recipients:
-        raise ValidationError("to", f"more than {limits.max_recipients} recipients in all")
+    check_recipient_count("to", len(to_list) + len(cc_list) + len(bcc_list), limits)
     reply_list = parse_addresses("reply_to", reply_to, limits)
     from_list = parse_addresses("from_address", from_address, limits)
     if len(from_list) > 1:
@@ -229,10 +280,9 @@ def build_job(
     if not isinstance(subject, str):
         raise ValidationError("subject", f"must be a string, got {type(subject).__name__}")
     check_no_injection("subject", subject)
-    if len(subject) > limits.max_subject_length:
-        raise ValidationError("subject", f"longer than {limits.max_subject_length} characters")
-    body = _check_text("body", body, limits.max_body_bytes)
-    html = _check_text("html", html, limits.max_body_bytes)
+    check_subject_length(subject, limits)
+    body = _check_text("body", body, limits)
+    html = _check_text("html", html, limits)
     if template_id is not None:
         check_no_injection("template_id", template_id)
     if not (body or html or template_id):
@@ -258,7 +308,7 @@ def build_job(
         raise ValidationError("expires_at", "must be later than send_after")
 
     return NewJob(
-        id=str(uuid.uuid4()),
+        id=new_job_id(),
         recipient_to=", ".join(to_list),
         subject=subject,
         body=body,

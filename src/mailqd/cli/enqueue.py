@@ -1,8 +1,10 @@
 """`mailqctl enqueue`: queue a message from flags, or from an RFC 5322 file or stdin.
 
 Whatever the source, the message goes through `mailqd.validation.build_job`,
-the client library's own checks: a bad address or a CR/LF smuggled into a
-header is refused with the same one-line error, and nothing is written.
+the client library's own checks, with the limits of the loaded settings
+(`max_recipients`, `max_subject_length`, `max_body_bytes`): a bad address, a
+CR/LF smuggled into a header or an oversized message is refused with the
+same one-line error, and nothing is written.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from mailqd.cli.context import Context, json_option, reports_errors
 from mailqd.cli.output import Output
 from mailqd.errors import ValidationError
 from mailqd.secrets import load_secret_box, seal_variables
-from mailqd.validation import build_job
+from mailqd.validation import Limits, build_job
 
 _RELATIVE = re.compile(r"^\+?(\d+(?:\.\d+)?)\s*([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -190,6 +192,7 @@ def enqueue(
         expires_at=expires_at,
         max_attempts=max_attempts,
         idempotency_key=idempotency_key,
+        limits=Limits.from_settings(state.settings),
     )
     box = load_secret_box(state.settings.secrets_key_file)
     job_id = state.store.enqueue(seal_variables(job, box))

@@ -32,9 +32,11 @@ from mailqd.errors import (
 from mailqd.logging import mask_address, mask_addresses_in
 from mailqd.models import Job, Outcome
 from mailqd.secrets import SecretBox, unseal_variables
+from mailqd.signing import DkimSigner
 from mailqd.store import Completion
 from mailqd.templates import render
 from mailqd.transport import SendResult, Transport
+from mailqd.validation import Limits
 
 __all__ = ["Deliverer"]
 
@@ -79,6 +81,8 @@ class Deliverer:
         self._policy = policy or BackoffPolicy.from_settings(settings)
         self._templates = templates
         self._secrets = secrets
+        self._limits = Limits.from_settings(settings)
+        self._signer = DkimSigner.from_settings(settings)  # ConfigError: the worker cannot start
 
     async def deliver(self, job: Job, transport: Transport) -> Completion:
         """Decide, compose and send one job; returns the outcome to record."""
@@ -206,12 +210,17 @@ class Deliverer:
 
         The Message-ID is the job's own if it has one, else derived from the
         job id and the sender's domain, so every attempt sends the same one.
+        A row over the configured limits (max_recipients, ...) is refused
+        here, naming the limit. With DKIM configured, the message is signed.
         """
         if job.headers is not None and not isinstance(job.headers, dict):
             raise ValidationError(
                 "headers", f"must be a JSON object, not {type(job.headers).__name__}"
             )
-        return compose(job, default_from=self._settings.from_address)
+        message = compose(job, default_from=self._settings.from_address, limits=self._limits)
+        if self._signer is None:
+            return message
+        return dataclasses.replace(message, data=self._signer.sign(message.data))
 
     def _sent(self, attempt: _Attempt, result: SendResult, message_id: str) -> Completion:
         return self._completion(

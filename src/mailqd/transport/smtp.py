@@ -8,7 +8,8 @@ network error is translated here into one of:
   (greeting, EHLO, STARTTLS, AUTH), even with a 5xx code: those are about the
   server or our configuration, not about this message.
 - `PermanentDeliveryError`: a 5xx reply to MAIL, RCPT (every recipient) or
-  DATA. The job fails at once.
+  DATA, or a message that needs SMTPUTF8 (an address with a non-ASCII local
+  part) when the server does not offer it. The job fails at once.
 - `AmbiguousDeliveryError`: the message content, up to the final `.`, was
   handed to the socket, but the reply to it never came (timeout, disconnect,
   garbage). The server may have queued the message; it will be sent again
@@ -136,9 +137,9 @@ class SmtpTransport:
                 await self._open()
             payload = _data_payload(message.data)
             self._phase = _Phase.MAIL
-            await self._mail(message.sender, self._mail_options(payload))
+            await self._mail(message.sender, self._mail_options(payload, message.smtputf8))
             self._phase = _Phase.RCPT
-            refused = await self._send_recipients(message.recipients)
+            refused = await self._send_recipients(message.recipients, message.smtputf8)
             self._phase = _Phase.DATA
             reply = await self._send_data(payload)
         except BaseException as exc:
@@ -187,12 +188,19 @@ class SmtpTransport:
     def _tls_active(self) -> bool:
         return self._client.get_transport_info("sslcontext") is not None
 
-    def _mail_options(self, payload: bytes) -> list[str]:
+    def _mail_options(self, payload: bytes, smtputf8: bool) -> list[str]:
         options = []
         if self._client.supports_extension("size"):
             options.append(f"SIZE={len(payload)}")
         if not payload.isascii() and self._client.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
+        if smtputf8:
+            if not self._client.supports_extension("smtputf8"):
+                raise PermanentDeliveryError(
+                    f"SMTP {self._server}: an address needs SMTPUTF8, which the server does "
+                    "not offer (its local part is not ASCII)"
+                )
+            options.append("SMTPUTF8")
         return options
 
     async def _mail(self, sender: str, options: list[str]) -> None:
@@ -204,27 +212,35 @@ class SmtpTransport:
         command (measured ~30 us a message). They are still refused here if
         they could break the command line.
         """
-        command = [b"FROM:<" + _mailbox(sender) + b">", *(o.encode("ascii") for o in options)]
+        smtputf8 = "SMTPUTF8" in options
+        command = [
+            b"FROM:<" + _mailbox(sender, smtputf8) + b">",
+            *(o.encode("ascii") for o in options),
+        ]
         reply = await self._client.execute_command(
             b"MAIL", *command, timeout=self._settings.timeouts.command
         )
         if reply.code != 250:
             raise SMTPSenderRefused(reply.code, reply.message, sender)
 
-    async def _rcpt(self, recipient: str) -> None:
+    async def _rcpt(self, recipient: str, smtputf8: bool) -> None:
         """RCPT TO, like `SMTP.rcpt` (see `_mail`)."""
         reply = await self._client.execute_command(
-            b"RCPT", b"TO:<" + _mailbox(recipient) + b">", timeout=self._settings.timeouts.command
+            b"RCPT",
+            b"TO:<" + _mailbox(recipient, smtputf8) + b">",
+            timeout=self._settings.timeouts.command,
         )
         if reply.code not in (250, 251):
             raise SMTPRecipientRefused(reply.code, reply.message, recipient)
 
-    async def _send_recipients(self, recipients: tuple[str, ...]) -> dict[str, tuple[int, str]]:
+    async def _send_recipients(
+        self, recipients: tuple[str, ...], smtputf8: bool
+    ) -> dict[str, tuple[int, str]]:
         """RCPT each recipient; collect refusals, and raise only if all were refused."""
         refused: dict[str, tuple[int, str]] = {}
         for recipient in recipients:
             try:
-                await self._rcpt(recipient)
+                await self._rcpt(recipient, smtputf8)
             except SMTPRecipientRefused as exc:
                 if exc.code == SERVICE_CLOSING:
                     raise  # the whole session is over, not just this recipient
@@ -313,11 +329,14 @@ def _is_stale(cause: BaseException | None) -> bool:
     return isinstance(cause, ConnectionError)
 
 
-def _mailbox(address: str) -> bytes:
-    """An envelope address as it goes between < and >; ValueError if it is not one."""
-    if _UNSAFE_IN_MAILBOX.search(address) or not address.isascii():
+def _mailbox(address: str, smtputf8: bool = False) -> bytes:
+    """An envelope address as it goes between < and >; ValueError if it is not one.
+
+    Non-ASCII is allowed (as UTF-8) only in a transaction opened with SMTPUTF8.
+    """
+    if _UNSAFE_IN_MAILBOX.search(address) or not (smtputf8 or address.isascii()):
         raise ValueError(f"address {address!r} cannot be put on an SMTP command line")
-    return address.encode("ascii")
+    return address.encode("utf-8") if smtputf8 else address.encode("ascii")
 
 
 def _data_payload(data: bytes) -> bytes:

@@ -1,0 +1,141 @@
+"""DKIM signing of outgoing messages (RFC 6376), with dkimpy.
+
+Configured by three keys that go together: `dkim_domain` (the d= domain),
+`dkim_selector` (s=) and `dkim_key_file` (an unencrypted RSA private key in
+PEM, PKCS#1 or PKCS#8). The key is read and checked once, when the daemon
+starts and again in each worker, so a missing or unusable key is a
+`ConfigError` at start rather than a failure of every message.
+
+Each composed message is signed just before it is sent, with relaxed/relaxed
+canonicalization over the headers mailqd writes itself (`SIGNED_HEADERS`);
+those a message lacks (Cc, Reply-To) are signed as absent, so they cannot be
+added on the way without breaking the signature.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import dkim
+from dkim.crypto import UnparsableKeyError, parse_pem_private_key
+
+from mailqd.errors import ConfigError, ValidationError
+
+if TYPE_CHECKING:
+    from mailqd.config import Settings
+
+__all__ = ["SIGNED_HEADERS", "DkimSigner", "dns_record_value"]
+
+SIGNED_HEADERS = (
+    "From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "MIME-Version",
+    "Content-Type",
+)  # fmt: skip
+_KEYS = ("dkim_domain", "dkim_selector", "dkim_key_file")
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_DNS_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
+_PEM_BLOCK = re.compile(
+    rb"-----BEGIN [A-Z ]*PRIVATE KEY-----\n.*?\n-----END [A-Z ]*PRIVATE KEY-----", re.DOTALL
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DkimSigner:
+    """Signs messages for one domain and selector with one private key."""
+
+    domain: str
+    selector: str
+    key_file: str
+    private_key: bytes = field(repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DkimSigner | None:
+        """The signer the settings ask for; None when DKIM is not configured.
+
+        Raises `ConfigError` when only some of the three keys are set, or
+        when the key file cannot be read or holds no usable RSA key.
+        """
+        values = {key: getattr(settings, key) for key in _KEYS}
+        missing = [key for key, value in values.items() if not value]
+        if len(missing) == len(_KEYS):
+            return None
+        if missing:
+            given = [key for key in _KEYS if key not in missing]
+            raise ConfigError(
+                missing[0],
+                f"DKIM needs dkim_domain, dkim_selector and dkim_key_file together; "
+                f"{', '.join(given)} set but {', '.join(missing)} missing",
+            )
+        for key in ("dkim_domain", "dkim_selector"):
+            if not _DNS_NAME.match(values[key]):
+                raise ConfigError(key, f"must be a DNS name in ASCII, got {values[key]!r}")
+        return cls(
+            domain=values["dkim_domain"].lower(),
+            selector=values["dkim_selector"],
+            key_file=values["dkim_key_file"],
+            private_key=_read_private_key(values["dkim_key_file"]),
+        )
+
+    def sign(self, message: bytes) -> bytes:
+        """The message with a DKIM-Signature header in front.
+
+        Raises `ValidationError` if dkimpy cannot sign this message (it
+        cannot parse its header), which fails the job like any message that
+        cannot be composed.
+        """
+        try:
+            signature = dkim.sign(
+                message,
+                self.selector.encode("ascii"),
+                self.domain.encode("ascii"),
+                self.private_key,
+                canonicalize=(b"relaxed", b"relaxed"),
+                include_headers=[name.encode("ascii") for name in SIGNED_HEADERS],
+            )
+        except dkim.DKIMException as exc:
+            raise ValidationError("dkim", f"cannot sign the message: {exc}") from None
+        return bytes(signature) + message
+
+    def dns_record_name(self) -> str:
+        return f"{self.selector}._domainkey.{self.domain}"
+
+    def dns_record_value(self) -> str:
+        return dns_record_value(self.private_key)
+
+    def zone_file_record(self) -> str:
+        """The TXT record as a zone-file line; the value is split into strings of at most
+        255 characters, the DNS limit, which a verifier joins back together."""
+        value = self.dns_record_value()
+        strings = " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
+        return f"{self.dns_record_name()}. IN TXT ( {strings} )"
+
+
+def dns_record_value(private_key_pem: bytes) -> str:
+    """The TXT record that publishes the public half of a PEM RSA private key."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(private_key_pem, password=None)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode('ascii')}"
+
+
+def _read_private_key(path: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError("dkim_key_file", f"cannot read {path}: {exc.strerror}") from None
+    match = _PEM_BLOCK.search(data.replace(b"\r\n", b"\n"))
+    problem = f"{path} holds no unencrypted RSA private key in PEM (PKCS#1 or PKCS#8)"
+    if match is None or b"ENCRYPTED" in data:
+        raise ConfigError("dkim_key_file", problem)
+    pem = match.group(0) + b"\n"  # the key alone, with the LF line ends dkimpy expects
+    try:
+        parse_pem_private_key(pem)
+    except (UnparsableKeyError, ValueError, IndexError, TypeError):
+        raise ConfigError("dkim_key_file", problem) from None
+    return pem
