@@ -27,6 +27,7 @@ from mailqd.daemon.supervisor import KILL_GRACE, Supervisor, WorkerEntry, open_s
 from mailqd.errors import MailqError
 from mailqd.logging import configure_logging
 from mailqd.secrets import load_secret_box
+from mailqd.signing import DkimSigner
 from mailqd.store import check_schema
 from mailqd.transport import transport_from_settings
 
@@ -91,6 +92,7 @@ def load_daemon_settings(
     settings = load_settings(config_path, overrides=overrides)
     transport_from_settings(settings)
     load_secret_box(settings.secrets_key_file)  # a bad key file fails here, not in workers
+    DkimSigner.from_settings(settings)  # so does a partial DKIM config or a bad DKIM key
     return settings
 
 
