@@ -544,6 +544,9 @@ def test_ctl_secrets_generate_key_writes_a_private_key_and_never_overwrites(
     assert made.returncode == 0 and made.stdout == f"wrote a new key to {path} (mode 0600)\n"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     key = path.read_text()
+    assert ok_json(invoke("secrets", "generate-key", str(tmp_path / "2.key"), "--json")) == {
+        "path": str(tmp_path / "2.key")
+    }
     assert error_line(invoke("secrets", "generate-key", str(path))) == (
         f"mailqctl: {path} exists already; a key file is never overwritten"
     )

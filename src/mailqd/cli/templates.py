@@ -137,9 +137,7 @@ def show(state: Context, template_id: str, out: Output) -> None:
 @click.option(
     "--var", "variables", multiple=True, callback=_key_value, help="Variable KEY=VALUE (repeat)."
 )
-@click.option(
-    "--vars-json", metavar="JSON", help="Variables as a JSON object (--var entries win)."
-)
+@click.option("--vars-json", metavar="JSON", help="Variables as a JSON object (--var entries win).")
 @json_option
 @click.pass_obj
 @reports_errors
@@ -281,7 +279,8 @@ def secrets() -> None:
 
 @secrets.command(name="generate-key")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-def generate_key(path: Path) -> None:
+@json_option
+def generate_key(path: Path, out: Output) -> None:
     """Write a new Fernet key to PATH (mode 0600); never overwrites a file.
 
     Point `secrets_key_file` at it, for the daemon and for every client
@@ -298,7 +297,7 @@ def generate_key(path: Path) -> None:
         _fail(f"{path} exists already; a key file is never overwritten")
     except OSError as exc:
         _fail(f"cannot write {path}: {exc.strerror}")
-    click.echo(f"wrote a new key to {path} (mode 0600)")
+    out.emit({"path": str(path)}, lambda: f"wrote a new key to {path} (mode 0600)")
 
 
 def _fail(message: str) -> NoReturn:
