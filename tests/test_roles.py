@@ -113,6 +113,7 @@ def test_the_role_enqueues_every_way_and_the_daemon_delivers(
         delivered = smtp.wait_for_messages(7, timeout=30)
         daemon.send(15)
         assert daemon.wait_exit() == 0
+    assert "TLS certificate verification is off" not in daemon.log_text()  # on by default
     assert sorted(r for m in delivered for r in m.rcpt_tos) == sorted(
         ["one@example.com", "two@example.com", "three@example.com", "plain@example.com"]
         + [f"copy{i}@example.com" for i in range(3)]
