@@ -10,7 +10,7 @@ convention).
 The commands live in modules by role: `inspect` (stats, failed, show),
 `top`, `repair` (retry, requeue, cancel, drain), `maintain` (migrate,
 cleanup), `enqueue`, `templates` (templates, secrets) and `roles`
-(grant-enqueue); `output` prints tables or `--json` for all of them.
+(grant-enqueue), `dkim` (dkim-record); `output` prints tables or `--json` for all of them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import click
 
 from mailqd.cli.context import Context, reports_errors
+from mailqd.cli.dkim import dkim_record
 from mailqd.cli.enqueue import enqueue
 from mailqd.cli.inspect import failed, show, stats
 from mailqd.cli.maintain import cleanup, migrate
@@ -52,6 +53,7 @@ for command in (migrate, stats, failed, show, top, enqueue, retry, requeue, canc
 cli.add_command(templates)
 cli.add_command(grant_enqueue)
 cli.add_command(secrets)
+cli.add_command(dkim_record)
 
 
 def main() -> None:
