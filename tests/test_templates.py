@@ -44,8 +44,9 @@ from mailqd.templates import CompiledTemplate, check_template, compile_template,
 from mailqd.transport import Transport, transport_from_url
 from mailqd.validation import build_job
 from smtp_server import SmtpServer, smtp_server_fixture
+from test_supervisor import assert_one_line_failure, base_env, migrated_sqlite, run_mailqd
 
-__all__ = ["smtp_server_fixture"]
+__all__ = ["migrated_sqlite", "smtp_server_fixture"]
 
 DEADLINE = 15.0
 SENDER = "shop@example.com"
@@ -384,6 +385,18 @@ def test_an_unreadable_or_malformed_key_file_is_a_config_error(tmp_path: Path) -
     with pytest.raises(ConfigError, match="secrets_key_file: cannot read"):
         Client("sqlite:///unused.db", secrets_key_file=str(tmp_path / "absent.key"))
     assert load_secret_box("") is None
+
+
+def test_check_config_and_start_up_refuse_a_bad_key_file_in_one_line(
+    migrated_sqlite: str, tmp_path: Path, key_file: Path
+) -> None:
+    missing = tmp_path / "absent.key"
+    env = {**base_env(migrated_sqlite), "MAILQD_SECRETS_KEY_FILE": str(missing)}
+    assert_one_line_failure(
+        run_mailqd(env, "--check-config"), f"mailqd: config secrets_key_file: cannot read {missing}"
+    )
+    good = {**base_env(migrated_sqlite), "MAILQD_SECRETS_KEY_FILE": str(key_file)}
+    assert run_mailqd(good, "--check-config").returncode == 0
 
 
 def test_a_rotated_key_file_still_opens_what_the_old_key_sealed(tmp_path: Path) -> None:
