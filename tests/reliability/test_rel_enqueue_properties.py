@@ -45,10 +45,15 @@ NAME_CHARS = string.ascii_letters + string.digits + " äöüÉßÑçØ日本"
 TEXT = st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\x00")
 BODY_TEXT = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
 
+INTL_ATEXT = ATEXT[:20] + "äöüéßñçøДж日本語"  # non-ASCII local parts go out with SMTPUTF8
 local_parts = (
-    st.lists(st.text(ATEXT, min_size=1, max_size=12), min_size=1, max_size=3)
+    st.lists(
+        st.text(ATEXT, min_size=1, max_size=12) | st.text(INTL_ATEXT, min_size=1, max_size=8),
+        min_size=1,
+        max_size=3,
+    )
     .map(".".join)
-    .filter(lambda local: len(local) <= 64)
+    .filter(lambda local: len(local.encode()) <= 64)
 )
 labels = st.from_regex(r"[a-z0-9](?:[a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 domains = st.builds(
@@ -147,7 +152,8 @@ SPOILERS: list[Spoiler] = [
     ("CR/LF in a recipient", _break_recipient, HeaderInjectionError, "to"),
     ("no recipient", _set(to=st.sampled_from([[], "", " , "])), InvalidAddressError, "to"),
     ("malformed recipient", _set(to=MALFORMED), InvalidAddressError, "to"),
-    ("non-ASCII local part", _set(to="josé@example.com"), InvalidAddressError, "to"),
+    ("invisible character in a local part", _set(to="jo\u200bsé@example.com"),
+     InvalidAddressError, "to"),
     ("malformed cc", _set(cc="not an address"), InvalidAddressError, "cc"),
     ("two senders", _set(from_address="a@example.com, b@example.com"),
      InvalidAddressError, "from_address"),
