@@ -101,6 +101,7 @@ _SIMPLE_ADDRESS = re.compile(
 )
 # A name with these (or with runs of spaces, which a phrase would collapse) is quoted.
 _NAME_NEEDS_QUOTES = re.compile(r'[][\\()<>@,:;".\t]|  ')
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _HIGH_BYTES = bytes(range(128, 256))
 _WHITESPACE_RUN = re.compile(r"\s+")
 
@@ -298,18 +299,15 @@ def _checked_addr_spec(addr_spec: str, field: str) -> str:
 
 
 def _valid_local_part(local: str) -> bool:
+    """A dot-atom of at most 64 octets, where a visible non-ASCII character (a letter,
+    mark, digit, punctuation or symbol) counts as atext (RFC 6531)."""
     if local.isascii():
         return len(local) <= 64 and _LOCAL_PART.match(local) is not None
     if len(local.encode("utf-8", "surrogatepass")) > 64:
         return False
-    ascii_form = "".join(
-        char if char.isascii() else "a" for char in local if _usable_in_local_part(char)
-    )
-    return len(ascii_form) == len(local) and _LOCAL_PART.match(ascii_form) is not None
-
-
-def _usable_in_local_part(char: str) -> bool:
-    return char.isascii() or unicodedata.category(char)[0] in "LMNPS"
+    if not all(char.isascii() or unicodedata.category(char)[0] in "LMNPS" for char in local):
+        return False
+    return _LOCAL_PART.match(_NON_ASCII.sub("a", local)) is not None
 
 
 def _ascii_domain(domain: str, field: str) -> str:
