@@ -33,7 +33,15 @@ from mailqd.models import Job, Outcome, Status
 from mailqd.store import Completion, Store
 from mailqd.validation import build_job
 
-WINDOW_KEYS = {"seconds", "sent", "failed", "failure_rate", "attempts"}
+WINDOW_KEYS = {
+    "seconds",
+    "sent",
+    "failed",
+    "failure_rate",
+    "attempts",
+    "deduplicated",
+    "deferred_by_recipient_cap",
+}
 FAILED_KEYS = {"id", "to", "subject", "attempts", "max_attempts", "last_error", "failed_at"}
 ATTEMPT_KEYS = {
     "attempt",
@@ -132,6 +140,8 @@ def test_stats_counts_windows_and_json_keys(store: Store, db_url: str, tmp_path:
         "failed": 0,
         "failure_rate": 0.0,
         "attempts": 1,
+        "deduplicated": 0,
+        "deferred_by_recipient_cap": 0,
     }
     assert document["last_1h"]["failed"] == 1
     assert document["last_1h"]["failure_rate"] == 0.5

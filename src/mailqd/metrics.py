@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 
 from mailqd.models import Outcome, QueueCounts, Status
 from mailqd.store import Completion
+from mailqd.store.screening import Screened
 
 __all__ = [
     "CLAIM_BATCH_BUCKETS",
@@ -136,6 +137,16 @@ class WorkerMetrics:
             "Jobs whose lease expired (their daemon died or hung) returned to the queue.",
             registry=None,
         )
+        self.deduplicated = Counter(
+            "mailqd_deduplicated",
+            "Jobs not sent (cancelled) because the same content was claimed within dedup_window.",
+            registry=None,
+        )
+        self.cap_deferred = Counter(
+            "mailqd_recipient_cap_deferred",
+            "Claims put off to the next hour because a recipient reached recipient_hourly_cap.",
+            registry=None,
+        )
         for outcome in _WORKER_OUTCOMES:
             self.attempts.labels(outcome=outcome.value)  # so every outcome shows, at 0
 
@@ -148,6 +159,14 @@ class WorkerMetrics:
                 self.sent.inc()
             elif completion.outcome in _FAILED_OUTCOMES:
                 self.failed.inc()
+
+    def screened(self, screened: Sequence[Screened]) -> None:
+        """Jobs the claim set aside (already recorded in the same transaction)."""
+        for item in screened:
+            if item.outcome is Outcome.DUPLICATE:
+                self.deduplicated.inc()
+            elif item.outcome is Outcome.DEFERRED:
+                self.cap_deferred.inc()
 
     def claimed(self, count: int) -> None:
         self.claim_batch.observe(count)

@@ -34,6 +34,8 @@ class Outcome(enum.StrEnum):
     AMBIGUOUS = "ambiguous"  # no reply to the end of DATA; retried (at-least-once)
     EXPIRED = "expired"  # past expires_at; not sent
     LOST = "lost"  # the worker holding the job died; its lease was rescued
+    DUPLICATE = "duplicate"  # same content claimed within dedup_window; cancelled, not sent
+    DEFERRED = "deferred"  # a recipient reached recipient_hourly_cap; pending, not counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +140,11 @@ class WindowStats:
     sent: int = 0
     failed: int = 0
     attempts: int = 0
+    """Delivery attempts; duplicates and deferrals, which try nothing, are counted apart."""
+    deduplicated: int = 0
+    """Jobs cancelled as duplicates (`dedup_window`)."""
+    cap_deferred: int = 0
+    """Claims put off to the next hour (`recipient_hourly_cap`)."""
 
     @property
     def failure_rate(self) -> float | None:

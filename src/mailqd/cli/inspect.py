@@ -45,7 +45,8 @@ def stats(state: Context, out: Output) -> None:
 
     "Sent" and "failed" in a window count jobs that reached that state in
     it; the failure rate is failed / (sent + failed); attempts include
-    retries.
+    retries. With `dedup_window` or `recipient_hourly_cap` set (or when
+    they acted in the last hour), it also says how many jobs they held back.
 
     \b
     Example:
@@ -53,7 +54,9 @@ def stats(state: Context, out: Output) -> None:
       $ mailqctl stats --json | jq .last_1h.failure_rate
     """
     snapshot = state.store.queue_stats()
-    out.emit(stats_document(snapshot), lambda: render_stats(snapshot))
+    settings = state.settings
+    screening = settings.dedup_window > 0 or settings.recipient_hourly_cap > 0
+    out.emit(stats_document(snapshot), lambda: render_stats(snapshot, screening=screening))
 
 
 def stats_document(snapshot: QueueStats) -> dict[str, Any]:
@@ -81,6 +84,8 @@ def _window_document(window: WindowStats) -> dict[str, Any]:
         "failed": window.failed,
         "failure_rate": None if rate is None else round(rate, 4),
         "attempts": window.attempts,
+        "deduplicated": window.deduplicated,
+        "deferred_by_recipient_cap": window.cap_deferred,
     }
 
 
@@ -88,7 +93,8 @@ def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 3)
 
 
-def render_stats(snapshot: QueueStats) -> RenderableType:
+def render_stats(snapshot: QueueStats, *, screening: bool = False) -> RenderableType:
+    """The `stats` text; the duplicate and cap lines when `screening` is on or they acted."""
     counts = snapshot.counts
     by_status = table("status", "jobs", right=["jobs"])
     for status in Status:
@@ -116,7 +122,17 @@ def render_stats(snapshot: QueueStats) -> RenderableType:
         )
     for column in recent.columns[3:]:
         column.justify = "right"
-    return Group(by_status, "", queue, "", recent)
+    parts: list[RenderableType] = [by_status, "", queue, "", recent]
+    hour = snapshot.last_1h
+    if screening or hour.deduplicated or hour.cap_deferred:
+        held_back = key_value_table(
+            [
+                ("deduplicated (last hour)", str(hour.deduplicated)),
+                ("deferred by recipient cap (last hour)", str(hour.cap_deferred)),
+            ]
+        )
+        parts += ["", held_back]
+    return Group(*parts)
 
 
 # -- failed -----------------------------------------------------------------------

@@ -135,6 +135,12 @@ def render_frame(
             ),
         ]
     )
+    hour = stats.last_1h
+    if hour.deduplicated or hour.cap_deferred:
+        rates.add_row(
+            "held back",
+            f"{hour.deduplicated} duplicates, {hour.cap_deferred} deferred by recipient cap in 1 h",
+        )
     by_status = table(*(status.value for status in Status), right=[s.value for s in Status])
     by_status.add_row(*(str(counts.by_status.get(status, 0)) for status in Status))
     return Group(header, "", rates, "", by_status)

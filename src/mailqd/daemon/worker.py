@@ -22,6 +22,7 @@ import random
 import signal
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import structlog
@@ -35,11 +36,13 @@ from mailqd.daemon.ratelimit import RateLimiter
 from mailqd.daemon.templates import TemplateCache
 from mailqd.daemon.waiting import wait_any, with_timeout
 from mailqd.errors import DatabaseUnavailableError, StoreError
+from mailqd.logging import mask_addresses_in
 from mailqd.metrics import WorkerMetrics
 from mailqd.models import Job, Outcome
-from mailqd.secrets import load_secret_box
+from mailqd.secrets import load_secret_box, unseal_variables
 from mailqd.store import Completion, Store, check_schema
 from mailqd.store.notify import JobListener, supports_listen
+from mailqd.store.screening import Screened, ScreenedClaim, ScreenRules
 from mailqd.transport import Transport
 
 __all__ = ["BatchResult", "TransportFactory", "Worker", "checked_transport_factory", "run_worker"]
@@ -55,6 +58,8 @@ CANCEL_TIMEOUT = 5.0
 """Seconds to wait for a cancelled task to finish before giving up on it."""
 CLAIM_LINGER = 0.01
 """While busy, how long a freed slot may wait for others before the next claim is made."""
+SCREENING_PURGE_INTERVAL = 60.0
+"""Seconds between purges of expired de-duplication rows and past hours' recipient counts."""
 
 
 @dataclass(slots=True)
@@ -67,13 +72,25 @@ class BatchResult:
     ambiguous: int = 0
     failed: int = 0
     expired: int = 0
+    deduplicated: int = 0
+    """Not sent: the same content was claimed within `dedup_window` (cancelled)."""
+    deferred: int = 0
+    """Not sent yet: a recipient reached `recipient_hourly_cap` (pending, next hour)."""
 
     @property
     def recorded(self) -> int:
-        """Attempts whose outcome is committed."""
-        return self.sent + self.retried + self.ambiguous + self.failed + self.expired
+        """Attempts whose outcome is committed (duplicates and deferrals at their claim)."""
+        return (
+            self.sent
+            + self.retried
+            + self.ambiguous
+            + self.failed
+            + self.expired
+            + self.deduplicated
+            + self.deferred
+        )
 
-    def count(self, completions: Iterable[Completion]) -> None:
+    def count(self, completions: Iterable[Completion | Screened]) -> None:
         for completion in completions:
             field = _RESULT_FIELD[completion.outcome]
             setattr(self, field, getattr(self, field) + 1)
@@ -86,6 +103,12 @@ _RESULT_FIELD = {
     Outcome.FAILED: "failed",
     Outcome.EXPIRED: "expired",
     Outcome.LOST: "failed",
+    Outcome.DUPLICATE: "deduplicated",
+    Outcome.DEFERRED: "deferred",
+}
+_SET_ASIDE_EVENT = {
+    Outcome.DUPLICATE: "duplicate not sent",
+    Outcome.DEFERRED: "deferred by recipient cap",
 }
 
 
@@ -188,6 +211,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._listener: JobListener | None = None
+        self._screen_rules = screen_rules(settings)
 
     async def __aenter__(self) -> Worker:
         return self
@@ -214,6 +238,8 @@ class Worker:
         if self._listen:
             self._listener = JobListener(self._database_url(), self._wake.set)
             services.append(asyncio.create_task(self._listener.run(), name="listener"))
+        if self._screen_rules is not None:
+            services.append(asyncio.create_task(self._purge_forever(), name="screening purge"))
         crashed: BaseException | None = None
         try:
             crashed = await self._produce_while_services_run(stop, services)
@@ -262,11 +288,12 @@ class Worker:
         `close`.
         """
         want = self._slots.free if limit is None else min(limit, self._slots.free)
-        jobs, _ = await self._claim(want, asyncio.Event())
-        completions = await asyncio.gather(*self._start(jobs))
+        claim, _ = await self._claim(want, asyncio.Event())
+        completions = await asyncio.gather(*self._start(claim.jobs))
         await self._completer.flush()
-        result = BatchResult(claimed=len(jobs))
+        result = BatchResult(claimed=claim.claimed)
         result.count(completions)
+        result.count(claim.screened)
         return result
 
     async def close(self) -> None:
@@ -317,40 +344,61 @@ class Worker:
                 continue
             self._wake.clear()  # a NOTIFY during the claim below wakes the next wait
             try:
-                jobs, asked = await self._claim(free, stop)
+                claim, asked = await self._claim(free, stop)
             except StoreError as exc:
                 backlog = False
                 await wait_any(stop, timeout=self._outage.failed(exc, "claiming jobs"))
                 continue
-            self._start(jobs)
-            backlog = bool(jobs) and len(jobs) == asked
+            self._start(claim.jobs)
+            backlog = claim.claimed > 0 and claim.claimed == asked
             if backlog:
                 continue  # a full batch: there is probably more waiting
             await wait_any(stop, self._wake, timeout=self.settings.poll_interval)
 
-    async def _claim(self, want: int, stop: asyncio.Event) -> tuple[list[Job], int]:
-        """Take rate-limit tokens, claim up to that many jobs and hold them.
+    async def _claim(self, want: int, stop: asyncio.Event) -> tuple[ScreenedClaim, int]:
+        """Take rate-limit tokens, claim up to that many jobs and hold those to send.
 
-        Returns the jobs and how many were asked for (the tokens granted).
+        Returns the claim and how many were asked for (the tokens granted).
+        With `dedup_window` or `recipient_hourly_cap` set, the store sets
+        aside duplicates and capped jobs in the claim's transaction; their
+        tokens are given back, as nothing is sent for them.
         """
         granted = await self._limiter.acquire(want, stop)
         if granted <= 0:
-            return [], 0
-        jobs = await asyncio.to_thread(
-            self.store.claim, self.owner, granted, self.settings.lease_seconds
-        )
+            return ScreenedClaim([]), 0
+        lease = self.settings.lease_seconds
+        if self._screen_rules is None:
+            jobs = await asyncio.to_thread(self.store.claim, self.owner, granted, lease)
+            claim = ScreenedClaim(jobs)
+        else:
+            claim = await asyncio.to_thread(
+                self.store.claim_screened, self.owner, granted, lease, self._screen_rules
+            )
+            jobs = claim.jobs
         self._outage.succeeded()
         for job in jobs:
             self._held[job.id] = job
-        self.totals.claimed += len(jobs)
+        self.totals.claimed += claim.claimed
         if self._metrics is not None:
-            self._metrics.claimed(len(jobs))
+            self._metrics.claimed(claim.claimed)
+        if claim.screened:
+            self._set_aside(claim.screened)
         if len(jobs) < granted:
             try:
                 await self._limiter.give_back(granted - len(jobs))
             except StoreError as exc:  # the tokens are lost; the limit still holds
                 self._log.debug("could not give back rate-limit tokens", error=str(exc))
-        return jobs, granted
+        return claim, granted
+
+    def _set_aside(self, screened: Sequence[Screened]) -> None:
+        """Count and log the jobs the claim did not hand over (already recorded)."""
+        self.totals.count(screened)
+        if self._metrics is not None:
+            self._metrics.screened(screened)
+        for item in screened:
+            event = _SET_ASIDE_EVENT[item.outcome]
+            self._log.info(event, job_id=item.job.id, reason=mask_addresses_in(item.reason))
+        self._progress.set()
 
     def _start(self, jobs: Sequence[Job]) -> list[asyncio.Task[Completion]]:
         tasks = []
@@ -417,6 +465,17 @@ class Worker:
                 self._outage.succeeded()
             except StoreError as exc:
                 self._outage.failed(exc, "extending leases")
+
+    async def _purge_forever(self) -> None:
+        """Keep the screening tables small; expired rows are ignored by the claim anyway."""
+        await asyncio.sleep(random.uniform(0, SCREENING_PURGE_INTERVAL))
+        while True:
+            try:
+                await asyncio.to_thread(self.store.purge_screening, self.settings.dedup_window)
+                self._outage.succeeded()
+            except StoreError as exc:
+                self._outage.failed(exc, "purging old de-duplication and recipient counts")
+            await asyncio.sleep(SCREENING_PURGE_INTERVAL * random.uniform(0.75, 1.25))
 
     async def _rescue_forever(self) -> None:
         """Return jobs whose lease expired (their daemon died or hung) to the queue.
@@ -512,6 +571,19 @@ async def _cancel(tasks: Sequence[asyncio.Future[Any]]) -> None:
         structlog.get_logger().error(
             "tasks did not stop when cancelled", tasks=[_name(t) for t in stuck]
         )
+
+
+def screen_rules(settings: Settings) -> ScreenRules | None:
+    """The claim-time screening the settings ask for; None when both rules are off."""
+    if settings.dedup_window <= 0 and settings.recipient_hourly_cap <= 0:
+        return None
+    box = load_secret_box(settings.secrets_key_file) if settings.dedup_window > 0 else None
+    return ScreenRules(
+        dedup_window=settings.dedup_window,
+        recipient_hourly_cap=settings.recipient_hourly_cap,
+        # Sealed variables differ at every enqueue: the hash is over what they say.
+        open_variables=None if box is None else partial(unseal_variables, box=box),
+    )
 
 
 def _name(task: asyncio.Future[Any]) -> str:

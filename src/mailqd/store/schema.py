@@ -288,3 +288,24 @@ email_templates = sa.Table(
     sa.Column("created_at", UTCDateTime, nullable=False, server_default=utcnow()),
     sa.Column("updated_at", UTCDateTime, nullable=False, server_default=utcnow()),
 )
+
+# Content de-duplication (`dedup_window`): which job holds each content hash.
+# Only jobs being claimed write here, so enqueueing pays nothing for it.
+dedup = sa.Table(
+    "mailqd_dedup",
+    metadata,
+    sa.Column("content_hash", sa.String(64), primary_key=True),
+    sa.Column("job_id", sa.String(64), nullable=False),
+    sa.Column("first_seen_at", UTCDateTime, nullable=False),
+)
+sa.Index("ix_mailqd_dedup_first_seen", dedup.c.first_seen_at)
+
+# Sends begun per recipient (lower-cased address) per clock hour (`recipient_hourly_cap`).
+# The hour leads the key, so purging past hours reads the key, not the table.
+recipient_counts = sa.Table(
+    "mailqd_recipient_counts",
+    metadata,
+    sa.Column("hour_start", UTCDateTime, primary_key=True),
+    sa.Column("recipient", sa.String(320), primary_key=True),
+    sa.Column("sent", sa.Integer, nullable=False),
+)

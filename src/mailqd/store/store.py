@@ -32,6 +32,7 @@ from mailqd.models import (
     Status,
     WindowStats,
 )
+from mailqd.store import screening
 from mailqd.store.engine import make_engine
 from mailqd.store.enqueue import PsycopgWriter, SqlAlchemyWriter, write_jobs
 from mailqd.store.schema import (
@@ -42,6 +43,7 @@ from mailqd.store.schema import (
     seconds_between,
     utcnow,
 )
+from mailqd.store.screening import ScreenedClaim, ScreenRules
 from mailqd.store.templates import TemplateStore
 
 T = TypeVar("T")
@@ -49,6 +51,8 @@ q = email_queue
 a = email_attempts
 
 _CLEANUP_BATCH = 1000
+_SCREENED_OUTCOMES = (Outcome.DUPLICATE, Outcome.DEFERRED)
+"""Attempt rows of jobs set aside at claim time (`claim_screened`): nothing was tried."""
 _FIVE_MINUTES = 300.0
 _HOUR = 3600.0
 
@@ -282,6 +286,33 @@ class Store:
             jobs = [_job_from_row(row) for row in conn.execute(stmt, params)]
         jobs.sort(key=lambda j: (-j.priority, j.next_attempt_at, j.id))
         return jobs
+
+    def claim_screened(
+        self,
+        owner: str,
+        limit: int,
+        lease_seconds: float,
+        rules: ScreenRules,
+        now: datetime | None = None,
+    ) -> ScreenedClaim:
+        """`claim`, then set aside duplicates and jobs over a recipient's cap, in one transaction.
+
+        What `rules` turns away is recorded before this returns (see
+        `mailqd.store.screening`); only the jobs to send are held. One
+        transaction, so a failure leaves nothing claimed and nothing counted.
+        """
+        if limit <= 0:
+            return ScreenedClaim([])
+        stmt = _CLAIM_AT_DB_TIME if now is None else _claim_statement(_now(now))
+        params = {"b_limit": limit, "b_owner": owner, "b_lease": lease_seconds}
+        with self._begin() as conn:
+            jobs = [_job_from_row(row) for row in conn.execute(stmt, params)]
+            jobs.sort(key=lambda j: (-j.priority, j.next_attempt_at, j.id))
+            return screening.screen(conn, self.dialect, jobs, rules, owner)
+
+    def purge_screening(self, dedup_window: float, now: datetime | None = None) -> int:
+        """Delete hash rows older than `dedup_window` and per-recipient counts of past hours."""
+        return screening.purge(self._begin, dedup_window, _now(now))
 
     def complete(self, completions: Sequence[Completion], now: datetime | None = None) -> int:
         """Record outcomes of held jobs and their attempt rows, in one transaction.
@@ -660,8 +691,16 @@ class Store:
             sa.func.count().filter(sent),
             sa.func.count().filter(failed),
         ).where(q.c.status.in_((Status.SENT, Status.FAILED)), ended_recently)
+        in_5m_attempts = a.c.started_at > five_min_ago
+        tried = a.c.outcome.not_in(_SCREENED_OUTCOMES)
+        duplicate, deferred = a.c.outcome == Outcome.DUPLICATE, a.c.outcome == Outcome.DEFERRED
         attempts_stmt = sa.select(
-            sa.func.count().filter(a.c.started_at > five_min_ago), sa.func.count()
+            sa.func.count().filter(tried & in_5m_attempts),
+            sa.func.count().filter(duplicate & in_5m_attempts),
+            sa.func.count().filter(deferred & in_5m_attempts),
+            sa.func.count().filter(tried),
+            sa.func.count().filter(duplicate),
+            sa.func.count().filter(deferred),
         ).where(a.c.started_at > hour_ago, a.c.started_at <= at)
         by_status = sa.select(q.c.status, sa.func.count()).group_by(q.c.status)
         with self._begin() as conn:
@@ -669,7 +708,7 @@ class Store:
             counts = {Status(s): n for s, n in conn.execute(by_status)}
             due, oldest, retrying, soon = conn.execute(pending_stmt).one()
             sent_5m, failed_5m, sent_1h, failed_1h = conn.execute(finished_stmt).one()
-            attempts_5m, attempts_1h = conn.execute(attempts_stmt).one()
+            attempts = conn.execute(attempts_stmt).one()
         return QueueStats(
             at=taken_at,
             counts=QueueCounts(by_status=counts, oldest_due_age_seconds=oldest),
@@ -677,8 +716,8 @@ class Store:
             retries_waiting=retrying,
             retries_due_soon=soon,
             soon_seconds=soon_seconds,
-            last_5m=WindowStats(_FIVE_MINUTES, sent_5m, failed_5m, attempts_5m),
-            last_1h=WindowStats(_HOUR, sent_1h, failed_1h, attempts_1h),
+            last_5m=WindowStats(_FIVE_MINUTES, sent_5m, failed_5m, *attempts[:3]),
+            last_1h=WindowStats(_HOUR, sent_1h, failed_1h, *attempts[3:]),
         )
 
     # -- gauges and totals, for the metrics sidecar ------------------------------------
@@ -714,7 +753,9 @@ class Store:
 
     def failed_attempts_count(self) -> int:
         """Attempts that did not deliver (retried, failed, expired, lost) still on record."""
-        stmt = sa.select(sa.func.count()).where(a.c.outcome != Outcome.SENT)
+        stmt = sa.select(sa.func.count()).where(
+            a.c.outcome.not_in((Outcome.SENT, *_SCREENED_OUTCOMES))
+        )
         with self._begin() as conn:
             return int(conn.execute(stmt).scalar_one())
 

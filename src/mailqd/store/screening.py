@@ -1,0 +1,370 @@
+"""Claim-time screening: the content de-duplication window and the per-recipient hourly cap.
+
+Both are judged when a worker claims jobs (`Store.claim_screened`), in the
+claim's own transaction, so they cover every way a job got into the queue
+(the client, `mailqctl enqueue`, a plain SQL INSERT) and enqueueing pays
+nothing for them: `email_queue` has no column or index for either.
+
+De-duplication: a job's content hash (its recipients, sender, subject,
+bodies, template and variables) is claimed in `mailqd_dedup` with one
+upsert per batch. The row's primary key decides, atomically across
+workers and daemons, which job holds the hash: the first to claim it, or
+a later one once the holder's claim is older than the window or the
+holder ended without being sent (failed or cancelled, or deleted). Every
+other job with that hash is a duplicate: it is cancelled, not sent, with
+the holder's id in its `last_error` and a `duplicate` attempt row.
+
+The cap: sends begun per recipient (the lower-cased address) per clock
+hour are counted in `mailqd_recipient_counts` with one upsert per batch.
+A job any of whose recipients is over the cap is not sent and not failed:
+it goes back to pending, due at the start of the next hour, its attempt
+not counted, with a `deferred` attempt row saying which recipient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from email.utils import getaddresses
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from mailqd.models import Job, Outcome, Status
+from mailqd.store.schema import add_seconds, dedup, email_attempts, email_queue, recipient_counts
+
+__all__ = ["ScreenRules", "Screened", "ScreenedClaim", "content_hash", "recipients_of"]
+
+q = email_queue
+d = dedup
+rc = recipient_counts
+
+_HOUR = timedelta(hours=1)
+_LONGEST_ADDRESS = 254
+"""Longer is no address (RFC 5321); such a job fails when composed, so it is not counted."""
+_PURGE_BATCH = 5000
+# The holder of a hash ended without being sent, or was deleted: its hash is free.
+# Text, because SQLAlchemy would not correlate the subquery to the upserted row.
+_HOLDER_GONE = sa.literal_column(
+    "NOT EXISTS (SELECT 1 FROM email_queue AS holder WHERE holder.id = mailqd_dedup.job_id"
+    " AND holder.status IN ('pending', 'sending', 'sent'))",
+    sa.Boolean,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ScreenRules:
+    """What to screen claimed jobs for; a rule at 0 is off.
+
+    `open_variables` turns a job's stored `variables` into what they say
+    (encrypted variables differ at every enqueue), for the content hash.
+    """
+
+    dedup_window: float = 0.0
+    """Seconds: a job with the same content as one claimed this recently is not sent."""
+    recipient_hourly_cap: int = 0
+    """Sends begun per recipient per clock hour; more wait for the next hour."""
+    open_variables: Callable[[Any], Any] | None = field(default=None, compare=False)
+
+    @property
+    def active(self) -> bool:
+        return self.dedup_window > 0 or self.recipient_hourly_cap > 0
+
+
+@dataclass(frozen=True, slots=True)
+class Screened:
+    """A claimed job that was not sent, and why; already recorded in the store."""
+
+    job: Job
+    outcome: Outcome
+    """`Outcome.DUPLICATE` (now cancelled) or `Outcome.DEFERRED` (pending again)."""
+    reason: str
+    """The job's `last_error` and its attempt row's text."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScreenedClaim:
+    """What `Store.claim_screened` took: jobs to send, and jobs it set aside."""
+
+    jobs: list[Job]
+    screened: list[Screened] = field(default_factory=list)
+
+    @property
+    def claimed(self) -> int:
+        return len(self.jobs) + len(self.screened)
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for s in self.screened if s.outcome is outcome)
+
+
+# -- what is compared ---------------------------------------------------------------
+
+
+def recipients_of(job: Job) -> list[str]:
+    """The job's To, Cc and Bcc addresses, lower-cased, each once, sorted.
+
+    Parsed leniently: a row whose addresses do not parse is refused later
+    by the composer, and here just yields whatever the parser made of it.
+    """
+    fields = [str(value) for value in (job.recipient_to, job.cc, job.bcc) if value]
+    try:
+        found = {addr.strip().lower() for _, addr in getaddresses(fields) if addr.strip()}
+    except Exception:  # never let one odd row stop a claim; compare the text as it is
+        found = {value.strip().lower() for value in fields}
+    return sorted(found)
+
+
+def content_hash(job: Job, open_variables: Callable[[Any], Any] | None = None) -> str:
+    """SHA-256 over what makes two messages the same message to the same people.
+
+    Not the headers, reply-to, priority or schedule: a retried enqueue of
+    the same message differs in none of what is hashed.
+    """
+    variables = job.variables
+    if open_variables is not None and variables is not None:
+        try:
+            variables = open_variables(variables)
+        except Exception:  # a job whose variables cannot be opened fails when rendered
+            variables = job.variables
+    content = {
+        "recipients": recipients_of(job),
+        "from": (job.from_address or "").strip().lower(),
+        "subject": job.subject,
+        "body": job.body,
+        "html": job.html,
+        "template_id": job.template_id,
+        "variables": variables,
+    }
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# -- the screening, in the claim's transaction ---------------------------------------
+
+
+def screen(
+    conn: sa.Connection, dialect: str, jobs: Sequence[Job], rules: ScreenRules, owner: str
+) -> ScreenedClaim:
+    """Judge freshly claimed `jobs` (all stamped with the claim's time) and record the verdicts."""
+    if not jobs or not rules.active:
+        return ScreenedClaim(list(jobs))
+    at = jobs[0].updated_at  # the claim's database time, the same on every claimed row
+    screened: dict[str, Screened] = {}
+    if rules.dedup_window > 0:
+        screened |= _deduplicate(conn, dialect, jobs, rules, at)
+    if rules.recipient_hourly_cap > 0:
+        remaining = [job for job in jobs if job.id not in screened]
+        screened |= _cap(conn, dialect, remaining, rules.recipient_hourly_cap, at)
+    if screened:
+        _record(conn, list(screened.values()), owner, at)
+    return ScreenedClaim(
+        jobs=[job for job in jobs if job.id not in screened], screened=list(screened.values())
+    )
+
+
+def _deduplicate(
+    conn: sa.Connection, dialect: str, jobs: Sequence[Job], rules: ScreenRules, at: datetime
+) -> dict[str, Screened]:
+    """Claim each distinct hash for its first job; every job whose hash another job holds is out.
+
+    Within the batch the oldest job (by `created_at`) is the candidate.
+    The rows are written in hash order, so two workers upserting the same
+    hashes lock them in the same order and cannot deadlock.
+    """
+    hashes = {job.id: content_hash(job, rules.open_variables) for job in jobs}
+    candidates: dict[str, Job] = {}
+    for job in sorted(jobs, key=lambda j: (j.created_at, j.id)):
+        candidates.setdefault(hashes[job.id], job)
+    insert = _insert_for(dialect)(d).values(
+        [
+            {"content_hash": h, "job_id": candidates[h].id, "first_seen_at": at}
+            for h in sorted(candidates)
+        ]
+    )
+    proposed = insert.excluded
+    cutoff = sa.literal(at - timedelta(seconds=rules.dedup_window), type_=d.c.first_seen_at.type)
+    take_over = (d.c.first_seen_at <= cutoff) | (d.c.job_id == proposed.job_id) | _HOLDER_GONE
+    stmt = insert.on_conflict_do_update(
+        index_elements=[d.c.content_hash],
+        set_={
+            "job_id": sa.case((take_over, proposed.job_id), else_=d.c.job_id),
+            "first_seen_at": sa.case((take_over, proposed.first_seen_at), else_=d.c.first_seen_at),
+        },
+    ).returning(d.c.content_hash, d.c.job_id)
+    holders = {row.content_hash: row.job_id for row in conn.execute(stmt)}
+    span = _span(rules.dedup_window)
+    return {
+        job.id: Screened(
+            job,
+            Outcome.DUPLICATE,
+            f"duplicate of job {holders[hashes[job.id]]}: the same recipients and content "
+            f"were claimed for sending within {span} (dedup_window); not sent",
+        )
+        for job in jobs
+        if holders[hashes[job.id]] != job.id
+    }
+
+
+def _cap(
+    conn: sa.Connection, dialect: str, jobs: Sequence[Job], cap: int, at: datetime
+) -> dict[str, Screened]:
+    """Count the batch's sends per recipient this hour; defer the jobs that would exceed `cap`.
+
+    One upsert adds what the whole batch wants and returns the new totals;
+    the jobs are then admitted in claim order while every recipient of the
+    job has room, and what the deferred jobs had added is taken back. The
+    rows are written in address order (no deadlock between workers).
+    """
+    wanted = {job.id: [r for r in recipients_of(job) if len(r) <= _LONGEST_ADDRESS] for job in jobs}
+    demand = Counter(address for addresses in wanted.values() for address in addresses)
+    if not demand:
+        return {}
+    hour = at.replace(minute=0, second=0, microsecond=0)
+    insert = _insert_for(dialect)(rc).values(
+        [{"hour_start": hour, "recipient": r, "sent": n} for r, n in sorted(demand.items())]
+    )
+    stmt = insert.on_conflict_do_update(
+        index_elements=[rc.c.hour_start, rc.c.recipient],
+        set_={"sent": rc.c.sent + insert.excluded.sent},
+    ).returning(rc.c.recipient, rc.c.sent)
+    room = {row.recipient: cap - (row.sent - demand[row.recipient]) for row in conn.execute(stmt)}
+    unused = Counter(demand)
+    deferred: dict[str, Screened] = {}
+    next_hour = hour + _HOUR
+    for job in jobs:
+        full = next((r for r in wanted[job.id] if room[r] <= 0), None)
+        if full is None:
+            for address in wanted[job.id]:
+                room[address] -= 1
+                unused[address] -= 1
+            continue
+        reason = (
+            f"deferred to {next_hour:%Y-%m-%d %H:%M} UTC: recipient {full} reached "
+            f"recipient_hourly_cap ({cap} per hour); attempt not counted"
+        )
+        deferred[job.id] = Screened(job, Outcome.DEFERRED, reason)
+    _give_back(conn, hour, +unused)
+    return deferred
+
+
+def _give_back(conn: sa.Connection, hour: datetime, unused: Counter[str]) -> None:
+    """Take back the counts added for jobs that were deferred after all."""
+    if not unused:
+        return
+    stmt = (
+        rc.update()
+        .where(rc.c.hour_start == sa.bindparam("b_hour"), rc.c.recipient == sa.bindparam("b_rcpt"))
+        .values(sent=rc.c.sent - sa.bindparam("b_n", type_=sa.Integer))
+    )
+    conn.execute(
+        stmt,
+        [{"b_hour": hour, "b_rcpt": r, "b_n": n} for r, n in sorted(unused.items())],
+    )
+
+
+def _record(conn: sa.Connection, screened: list[Screened], owner: str, at: datetime) -> None:
+    """Duplicates end cancelled (attempt counted); deferrals are pending again (not counted)."""
+    next_hour = at.replace(minute=0, second=0, microsecond=0) + _HOUR
+    held = (
+        (q.c.id == sa.bindparam("b_id"))
+        & (q.c.status == Status.SENDING)
+        & (q.c.lease_owner == owner)
+    )
+    released: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None, "updated_at": at}
+    duplicates = [s for s in screened if s.outcome is Outcome.DUPLICATE]
+    deferred = [s for s in screened if s.outcome is Outcome.DEFERRED]
+    if duplicates:
+        stmt = (
+            q.update()
+            .where(held)
+            .values(
+                status=Status.CANCELLED,
+                attempts=q.c.attempts + 1,
+                last_error=sa.bindparam("b_error"),
+                **released,
+            )
+        )
+        conn.execute(stmt, [{"b_id": s.job.id, "b_error": s.reason} for s in duplicates])
+    if deferred:
+        stmt = (
+            q.update()
+            .where(held)
+            .values(
+                status=Status.PENDING,
+                next_attempt_at=next_hour,
+                last_error=sa.bindparam("b_error"),
+                **released,
+            )
+        )
+        conn.execute(stmt, [{"b_id": s.job.id, "b_error": s.reason} for s in deferred])
+    conn.execute(
+        email_attempts.insert(),
+        [
+            {
+                "job_id": s.job.id,
+                "attempt": s.job.attempts + 1,
+                "started_at": at,
+                "duration_seconds": 0.0,
+                "outcome": s.outcome,
+                "smtp_text": s.reason,
+                "worker": owner,
+            }
+            for s in screened
+        ],
+    )
+
+
+# -- housekeeping ------------------------------------------------------------------
+
+
+def purge(
+    begin: Callable[[], AbstractContextManager[sa.Connection]],
+    window: float,
+    at: sa.ColumnElement[datetime],
+) -> int:
+    """Delete hash rows older than the window and counts of hours that are over, in batches.
+
+    Expired rows are already ignored by the screening; this only keeps the
+    tables small. `begin` opens one short transaction per batch.
+    """
+    targets = [
+        (rc, rc.c.hour_start <= add_seconds(at, -_HOUR.total_seconds())),
+        (d, d.c.first_seen_at < add_seconds(at, -window)),  # window 0: the feature is off
+    ]
+    total = 0
+    for table, old in targets:
+        key = list(table.primary_key.columns)
+        while True:
+            # Rows a claim holds are skipped, not waited for (no deadlock with a claim
+            # upserting them in another order); `old` is checked again on the row
+            # deleted, so a hash a claim just took over is kept.
+            doomed = (
+                sa.select(*key).where(old).limit(_PURGE_BATCH).with_for_update(skip_locked=True)
+            )
+            picked = (
+                key[0].in_(doomed.scalar_subquery())
+                if len(key) == 1
+                else sa.tuple_(*key).in_(doomed)
+            )
+            with begin() as conn:
+                deleted = conn.execute(table.delete().where(picked, old)).rowcount
+            total += deleted
+            if deleted < _PURGE_BATCH:
+                break
+    return total
+
+
+def _insert_for(dialect: str) -> Any:
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
+
+
+def _span(seconds: float) -> str:
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g} min"
+    return f"{seconds:g} s"
