@@ -30,19 +30,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--reliability",
         action="store_true",
         default=False,
-        help="also run the fault-injection suite in tests/reliability (minutes; not yet in CI)",
+        help="no effect, kept for old command lines: tests/reliability always runs",
     )
 
 
-def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
-    """Leave tests/reliability out unless --reliability is given.
+@pytest.hookimpl(trylast=True)  # after tests/reliability/conftest.py has marked its tests
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the longest tests first, so that parallel workers (`-n`) finish together.
 
-    The suite does not yet fit CI's time budget beside the rest (see
-    docs/reliability.md); run it with `scripts/test --reliability tests/reliability`.
+    A test marked `runs_for(seconds)` says about how long it takes; those run
+    longest first, then the rest of the reliability suite, then tests marked
+    `slow`, then everything else, each in collection order. Every worker
+    collects the same order, as pytest-xdist requires.
     """
-    if "reliability" in collection_path.parts and not config.getoption("--reliability"):
-        return True
-    return None
+    items.sort(key=run_order)
+
+
+def run_order(item: pytest.Item) -> tuple[float, int]:
+    hint = item.get_closest_marker("runs_for")
+    if hint is not None:
+        return (-float(hint.args[0]), 0)
+    if item.get_closest_marker("reliability") is not None:
+        return (0.0, 1)
+    return (0.0, 2 if item.get_closest_marker("slow") is not None else 3)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from ctl_process import (
     CLEANUP_KEYS,
     DRAIN_KEYS,
@@ -51,6 +53,7 @@ def _failed(job: Job) -> Completion:
     )
 
 
+@pytest.mark.runs_for(9)
 def test_every_command_as_a_subprocess(store: Store, db_url: str) -> None:
     migrated = mailqctl("migrate", db=db_url)
     assert (migrated.returncode, "nothing to do" in migrated.stdout) == (0, True)
@@ -119,6 +122,7 @@ def test_every_command_as_a_subprocess(store: Store, db_url: str) -> None:
     assert cleaned["deleted"] == 3
 
 
+@pytest.mark.runs_for(6)
 def test_every_command_reports_an_unreachable_database() -> None:
     url = "postgresql://mailqd:s3cret@127.0.0.1:1/mailqd"
     commands = [*EVERY_COMMAND, ["migrate"]]

@@ -36,10 +36,14 @@ the results file (`MAILQD_RELIABILITY_RESULTS`, default
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
+import secrets
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,7 +63,9 @@ HEADER = (
     "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
 )
 _JOB_ID_IN_MESSAGE_ID = re.compile(r"^<(.+)@[^@>]+>$")
-_session_rows: dict[Path, list[str]] = {}
+XDIST_RUN_ENV = "PYTEST_XDIST_TESTRUNUID"
+"""Set by pytest-xdist in its workers: the same id for every worker of one run."""
+_PROCESS_RUN = secrets.token_hex(8)
 run_mode = "CI"
 """Set to "soak" by the suite's conftest under `--soak`; written in the results file's title."""
 
@@ -251,18 +257,34 @@ class Books:
 
 
 def _append_result(line: str) -> None:
-    """Add a table row to this session's results and rewrite the file with all of them.
+    """Add a table row to this test run's results file, which holds that run's rows only.
 
-    The file is replaced whole (write, then rename), so that two test runs
-    at once leave one coherent table, the last one's, not interleaved rows.
+    The pytest-xdist workers of one run (`-n`) share the file: each adds its
+    rows under a lock. A file left by an earlier run (another run id on its
+    first line) is started afresh. It is replaced whole (write, then rename),
+    so a reader never sees half a row.
     """
     path = results_path()
-    if path not in _session_rows:
-        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        title = f"Reliability run, {run_mode} mode, started {stamp}, {os.cpu_count()} CPUs"
-        _session_rows[path] = [f"{title}\n\n{HEADER}"]
-    rows = _session_rows[path]
-    rows.append(f"{line}\n")
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text("".join(rows))
-    partial.replace(path)
+    run = f"<!-- run {os.environ.get(XDIST_RUN_ENV) or _PROCESS_RUN} -->\n"
+    with _locked(path.with_name(f".{path.name}.lock")):
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            text = ""
+        if not text.startswith(run):
+            stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+            title = f"Reliability run, {run_mode} mode, started {stamp}, {os.cpu_count()} CPUs"
+            text = f"{run}{title}\n\n{HEADER}"
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(f"{text}{line}\n")
+        partial.replace(path)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

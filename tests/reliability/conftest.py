@@ -1,4 +1,4 @@
-"""Fixtures of the reliability suite: a PostgreSQL per module that the tests own, a faulty
+"""Fixtures of the reliability suite: a PostgreSQL cluster that the tests own, a faulty
 SMTP server and a `Scenario` per test.
 
 Every test here is marked `reliability` and gets a timeout that suits CI
@@ -16,7 +16,7 @@ from faulty_smtp import FaultySmtp
 from harness import MakeScenario, Scenario, migrated_database
 
 from daemon_process import DaemonPool
-from pg import PostgresServer, start_owned_postgres
+from pg import PostgresServer, answers, start_owned_postgres
 
 HERE = Path(__file__).resolve().parent
 CI_TIMEOUT = 300
@@ -36,11 +36,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.timeout(timeout))
 
 
-@pytest.fixture(scope="module")
-def owned_pg() -> Iterator[PostgresServer]:
-    """A PostgreSQL cluster this module started and may stop, crash and restart."""
+@pytest.fixture(scope="session")
+def owned_cluster() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster this test process started (one per xdist worker), reused by tests."""
     with start_owned_postgres() as server:
         yield server
+
+
+@pytest.fixture
+def owned_pg(owned_cluster: PostgresServer) -> PostgresServer:
+    """The cluster, which the test may stop, crash and restart; running when the test starts.
+
+    Each scenario works in a database of its own on it, so sharing the cluster
+    between the tests of one process (which run one after another) only saves
+    an `initdb` per module.
+    """
+    if not answers(owned_cluster.admin_url):
+        owned_cluster.start()  # a test that failed during an outage left it stopped
+    return owned_cluster
 
 
 @pytest.fixture

@@ -181,7 +181,7 @@ def invalid_calls(draw: st.DrawFn) -> tuple[dict[str, Any], Spoiler]:
     return call, spoiler
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client_and_store(owned_pg: PostgresServer) -> Iterator[tuple[Client, Store]]:
     url = migrated_database(owned_pg, "mailqd_prop")
     with Client(url) as client:

@@ -8,6 +8,7 @@ end of the run is reported and bounded.
 
 from __future__ import annotations
 
+import pytest
 from harness import MakeScenario, RssSampler, wait_until
 
 BURST = 1000
@@ -16,6 +17,7 @@ MAX_GROWTH_KIB = 32 * 1024
 """How much a process may grow after the warm-up: allocator and pool noise, not a leak."""
 
 
+@pytest.mark.runs_for(12)
 def test_bursts_of_mail_while_delivering_drain_with_flat_memory(
     make_scenario: MakeScenario,
 ) -> None:

@@ -57,6 +57,7 @@ def test_postgres_restarted_mid_run(
     assert_no_worker_restarts(daemon, workers)
 
 
+@pytest.mark.runs_for(35)
 def test_postgres_unreachable_for_30_seconds(
     make_scenario: MakeScenario, owned_pg: PostgresServer
 ) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import sqlalchemy as sa
 from harness import MakeScenario, Scenario, wait_until
 
@@ -45,6 +46,7 @@ def describe(scenario: Scenario) -> str:
     return ", ".join(f"{kind} x{n:,}" for kind, n in sorted(injected.items()))
 
 
+@pytest.mark.runs_for(10)
 def test_drops_during_data_random_4xx_and_permanent_5xx(make_scenario: MakeScenario) -> None:
     scenario = make_scenario("4a. SMTP drops in DATA 10 %, random 421/451, 550s", "smtpa")
     plan = scenario.smtp.plan
@@ -68,6 +70,7 @@ def test_drops_during_data_random_4xx_and_permanent_5xx(make_scenario: MakeScena
         assert all(a.smtp_code != 550 for a in transient), "a 5xx is never retried"
 
 
+@pytest.mark.runs_for(35)
 def test_smtp_server_down_for_30_seconds(make_scenario: MakeScenario) -> None:
     scenario = make_scenario("4b. SMTP server down 30 s", "smtpdown")
     messages = scenario.scale(ci=600, soak=5000)
@@ -85,6 +88,7 @@ def test_smtp_server_down_for_30_seconds(make_scenario: MakeScenario) -> None:
     scenario.finish(daemon)
 
 
+@pytest.mark.runs_for(14)
 def test_server_slower_than_the_timeout(make_scenario: MakeScenario) -> None:
     scenario = make_scenario("4c. SMTP replies slower than the timeout", "smtpslow")
     messages = scenario.scale(ci=600, soak=5000)
@@ -110,6 +114,7 @@ def test_server_slower_than_the_timeout(make_scenario: MakeScenario) -> None:
     scenario.finish(daemon)
 
 
+@pytest.mark.runs_for(15)
 def test_server_accepts_then_hangs(make_scenario: MakeScenario) -> None:
     scenario = make_scenario("4d. SMTP accepts, then hangs; tarpit", "smtphang")
     scenario.smtp.plan.hang_data = 0.05

@@ -12,9 +12,11 @@ from __future__ import annotations
 import random
 import signal
 
+import pytest
 from harness import MakeScenario, wait_until
 
 
+@pytest.mark.runs_for(20)
 def test_random_workers_sigkilled_repeatedly_while_delivering(make_scenario: MakeScenario) -> None:
     scenario = make_scenario("1. worker SIGKILL", "kill")
     messages = scenario.scale(ci=5000, soak=20000)
