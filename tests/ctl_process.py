@@ -48,7 +48,17 @@ STATS_KEYS = {
     "last_5m",
     "last_1h",
 }
-DRAIN_KEYS = {"rescued", "claimed", "sent", "retried", "ambiguous", "failed", "expired"}
+DRAIN_KEYS = {
+    "rescued",
+    "claimed",
+    "sent",
+    "retried",
+    "ambiguous",
+    "failed",
+    "expired",
+    "deduplicated",
+    "deferred_by_recipient_cap",
+}
 CLEANUP_KEYS = {"days", "dry_run", "deleted", "batches", "seconds", "longest_batch_seconds"}
 
 Result = subprocess.CompletedProcess[str]

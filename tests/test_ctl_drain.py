@@ -59,6 +59,8 @@ def test_drain_sends_retries_4xx_and_fails_5xx_like_the_daemon(
         "ambiguous": 0,
         "failed": 1,
         "expired": 0,
+        "deduplicated": 0,
+        "deferred_by_recipient_cap": 0,
     }
 
     [message] = smtp_server.messages

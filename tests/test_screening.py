@@ -54,18 +54,22 @@ def plain_sql_insert(store: Store, to: str, subject: str, body: str) -> None:
 
 def backdate_hashes(store: Store, seconds: float) -> None:
     """Make every held hash look `seconds` older: the window passes without waiting."""
+    backdate(store, "mailqd_dedup", "first_seen_at", seconds)
+
+
+def backdate(store: Store, table: str, column: str, seconds: float) -> None:
+    """Move a time column of every row of a screening table `seconds` into the past."""
     with store.engine.begin() as conn:
-        rows = conn.execute(sa.text("SELECT content_hash, first_seen_at FROM mailqd_dedup"))
-        for content, seen in list(rows):
-            if isinstance(seen, str):  # SQLite keeps UTC text
-                older = (datetime.fromisoformat(seen) - timedelta(seconds=seconds)).strftime(
-                    "%Y-%m-%d %H:%M:%S.%f"
-                )[:-3]
+        for (when,) in list(conn.execute(sa.text(f"SELECT DISTINCT {column} FROM {table}"))):
+            if isinstance(when, str):  # SQLite keeps UTC text
+                older: object = (
+                    datetime.fromisoformat(when) - timedelta(seconds=seconds)
+                ).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
             else:
-                older = seen - timedelta(seconds=seconds)
+                older = when - timedelta(seconds=seconds)
             conn.execute(
-                sa.text("UPDATE mailqd_dedup SET first_seen_at = :t WHERE content_hash = :h"),
-                {"t": older, "h": content},
+                sa.text(f"UPDATE {table} SET {column} = :older WHERE {column} = :when"),
+                {"older": older, "when": when},
             )
 
 
@@ -245,14 +249,30 @@ def test_the_hash_covers_recipients_in_any_order_and_case_but_not_headers(store:
 def test_purge_drops_expired_hashes_and_past_hours_only(store: Store) -> None:
     rules = ScreenRules(dedup_window=600, recipient_hourly_cap=5)
     enqueue(store, **SAME)
-    store.claim_screened("w1", 10, LEASE, rules)
-    now = datetime.now(UTC)
+    now = _next_hour(datetime.now(UTC)) + timedelta(minutes=10)  # due, far from an hour's end
+    store.claim_screened("w1", 10, LEASE, rules, now=now)
     assert store.purge_screening(600, now=now) == 0
     assert store.purge_screening(600, now=now + timedelta(seconds=601)) == 1  # the hash
     assert store.purge_screening(600, now=now + timedelta(hours=2)) == 1  # the hour's count
     with store.engine.begin() as conn:
         for table in ("mailqd_dedup", "mailqd_recipient_counts"):
             assert conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one() == 0
+
+
+def test_cleanup_drops_stale_screening_rows_and_keeps_live_ones(store: Store, db_url: str) -> None:
+    rules = ScreenRules(dedup_window=600, recipient_hourly_cap=5)
+    enqueue(store, to="old@example.com", subject="old", body="x")
+    store.claim_screened("w1", 10, LEASE, rules)
+    backdate(store, "mailqd_dedup", "first_seen_at", 40 * 86400)
+    backdate(store, "mailqd_recipient_counts", "hour_start", 40 * 86400)
+    enqueue(store, **SAME)
+    store.claim_screened("w1", 10, LEASE, rules)
+    assert invoke("cleanup", "--days", "30", db=db_url).returncode == 0
+    with store.engine.begin() as conn:
+        hashes = conn.execute(sa.text("SELECT count(*) FROM mailqd_dedup")).scalar_one()
+        rows = conn.execute(sa.text("SELECT recipient FROM mailqd_recipient_counts"))
+        recipients = list(rows.scalars())
+    assert (hashes, recipients) == (1, ["alice@example.com"])
 
 
 # -- the per-recipient hourly cap ---------------------------------------------------------
@@ -295,7 +315,7 @@ def test_cap_defers_the_excess_to_the_next_hour_without_counting_an_attempt(
 def test_deferred_jobs_are_sent_in_the_next_hour(store: Store) -> None:
     rules = ScreenRules(recipient_hourly_cap=1)
     enqueue(store, 2, to="busy@example.com")
-    now = datetime.now(UTC)
+    now = _next_hour(datetime.now(UTC)) + timedelta(minutes=10)  # due, far from an hour's end
     first = store.claim_screened("w1", 10, LEASE, rules, now=now)
     assert (len(first.jobs), first.count(Outcome.DEFERRED)) == (1, 1)
     assert store.claim_screened("w1", 10, LEASE, rules, now=now + timedelta(seconds=1)).claimed == 0
@@ -373,6 +393,23 @@ def test_stats_leave_the_lines_out_when_the_features_are_off_and_idle(sqlite_url
     assert "deduplicated" not in text and "recipient cap" not in text
     document = json.loads(invoke("stats", "--json", db=sqlite_url).stdout)
     assert document["last_1h"]["deduplicated"] == 0
+
+
+def test_drain_counts_a_duplicate_as_done_and_a_deferral_as_not(
+    store: Store, db_url: str, smtp_server: SmtpServer
+) -> None:
+    env = {"MAILQD_SMTP_URL": smtp_server.url(), "MAILQD_FROM": "sender@example.com"}
+    enqueue(store, 2, **SAME)
+    duplicates = invoke("drain", "--json", db=db_url, env={**env, "MAILQD_DEDUP_WINDOW": "600"})
+    assert duplicates.returncode == 0, duplicates.stderr
+    assert ok_json(duplicates)["deduplicated"] == 1
+    enqueue(store, 2, to="busy@example.com")
+    capped = invoke("drain", db=db_url, env={**env, "MAILQD_RECIPIENT_HOURLY_CAP": "1"})
+    assert capped.returncode == 1
+    assert capped.stdout.strip().endswith(
+        "1 sent, 0 retried later, 0 failed, 0 duplicates not sent, 1 deferred by recipient cap"
+    )
+    assert len(smtp_server.messages) == 2
 
 
 # -- helpers ----------------------------------------------------------------------------

@@ -59,7 +59,9 @@ def cleanup(state: Context, days: float, dry_run: bool, batch_size: int, out: Ou
 
     Deletes in batches, each its own short transaction, so delivery never
     waits on cleanup for longer than one batch. Pending and sending jobs
-    are never deleted.
+    are never deleted. Also drops per-recipient counts of past hours and
+    de-duplication hashes older than N days (or `dedup_window`, if longer),
+    which running daemons purge themselves only while those settings are on.
 
     \b
     Example:
@@ -89,6 +91,7 @@ def cleanup(state: Context, days: float, dry_run: bool, batch_size: int, out: Ou
             advance(count)
 
         deleted = store.delete_finished(days, batch_size=batch_size, on_batch=on_batch)
+    store.purge_screening(max(days * 86400, state.settings.dedup_window))
     document = {
         "days": days,
         "dry_run": False,

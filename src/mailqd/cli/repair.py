@@ -141,8 +141,9 @@ def drain(state: Context, max_messages: int | None, verbose: bool, out: Output) 
     (their daemon died) are returned to the queue first. Safe to run next
     to daemons: jobs are claimed, never taken twice.
 
-    Exits 0 when every attempt delivered its message, 1 when any did not
-    (failed, or to be retried later).
+    Exits 0 when every job claimed was delivered (or was a duplicate not
+    sent, `dedup_window`), 1 when any was not (failed, to be retried later,
+    or deferred to the next hour by `recipient_hourly_cap`).
 
     \b
     Example:
@@ -165,9 +166,11 @@ def drain(state: Context, max_messages: int | None, verbose: bool, out: Output) 
         "ambiguous": totals.ambiguous,
         "failed": totals.failed,
         "expired": totals.expired,
+        "deduplicated": totals.deduplicated,
+        "deferred_by_recipient_cap": totals.deferred,
     }
     out.emit(document, lambda: _drain_summary(document))
-    if totals.sent < totals.claimed:
+    if totals.sent + totals.deduplicated < totals.claimed:
         sys.exit(EXIT_FAILURE)
 
 
@@ -199,9 +202,15 @@ def _drain_summary(document: dict[str, int]) -> str:
     if not document["claimed"]:
         lines.append("nothing to deliver: no job is due")
     else:
+        held_back = ""
+        if document["deduplicated"] or document["deferred_by_recipient_cap"]:
+            held_back = (
+                f", {document['deduplicated']} duplicates not sent, "
+                f"{document['deferred_by_recipient_cap']} deferred by recipient cap"
+            )
         lines.append(
             f"drained {plural(document['claimed'], 'job')}: "
-            f"{document['sent']} sent, {retried} retried later, {failed} failed"
+            f"{document['sent']} sent, {retried} retried later, {failed} failed{held_back}"
         )
     return "\n".join(lines)
 
