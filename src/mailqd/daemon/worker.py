@@ -228,6 +228,8 @@ class Worker:
             concurrency=self.settings.concurrency,
             listen=self._listen,
             rate_limit=self.settings.rate_limit or None,
+            dedup_window=self.settings.dedup_window or None,
+            recipient_hourly_cap=self.settings.recipient_hourly_cap or None,
         )
         beat = asyncio.create_task(self._beat_forever(), name="heartbeat")
         services = [
