@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import sqlalchemy as sa
 
-from mailqd.store import Store, check_schema
+from mailqd.store import Store, check_schema, upgrade
 from mailqd.store.migrate import head_revision
+from mailqd.validation import build_job
 
 
 def mailqctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -47,3 +49,26 @@ def test_unreachable_database_is_one_line_exit_1() -> None:
     assert result.stderr.startswith("mailqctl: database unavailable")
     assert result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
+
+
+def test_upgrading_keeps_queued_jobs_and_their_keys(empty_url: str) -> None:
+    """0006 rebuilds the SQLite table to drop a constraint: nothing queued may be lost."""
+    store = Store.from_url(empty_url)
+    upgrade(store.engine, "0005")
+    with store.engine.begin() as conn:
+        for key in ("order-1", None, None):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO email_queue (recipient_to, subject, body, idempotency_key) "
+                    "VALUES ('a@example.com', 'Hi', 'Hello', :key)"
+                ),
+                {"key": key},
+            )
+    result = mailqctl("--database-url", empty_url, "migrate")
+    assert result.returncode == 0, result.stderr
+    assert check_schema(store.engine) == head_revision()
+    assert store.counts().pending == 3
+    again = store.enqueue(build_job("b@example.com", "Hi", "Hello", idempotency_key="order-1"))
+    assert store.get(again).recipient_to == "a@example.com"
+    assert len(store.claim("w1", 10, lease_seconds=60)) == 3
+    store.close()

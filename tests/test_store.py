@@ -124,6 +124,27 @@ def test_plain_sql_insert_gets_defaults_and_is_claimable(store: Store) -> None:
     assert job.created_at.tzinfo is not None
 
 
+def test_plain_sql_upsert_on_the_idempotency_key_queues_once(store: Store) -> None:
+    """The README's form for SQL callers; keyless rows never conflict with each other."""
+    upsert = sa.text(
+        "INSERT INTO email_queue (recipient_to, subject, body, idempotency_key) "
+        "VALUES ('a@example.com', 'Hi', 'Hello', :key) "
+        "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING"
+    )
+    with store.engine.begin() as conn:
+        for key in ("order-1", "order-1", None, None):
+            conn.execute(upsert, {"key": key})
+    assert store.counts().pending == 3
+    with store.engine.begin() as conn, pytest.raises(sa.exc.IntegrityError):
+        conn.execute(
+            sa.text(
+                "INSERT INTO email_queue (recipient_to, subject, body, idempotency_key) "
+                "VALUES ('b@example.com', 'Hi', 'Hello', 'order-1')"
+            )
+        )
+    assert store.counts().pending == 3
+
+
 def test_claim_takes_highest_priority_then_oldest_due(store: Store) -> None:
     low_old = enqueue(store, priority=0, send_after=later(-30))
     high_new = enqueue(store, priority=10, send_after=later(-1))

@@ -5,7 +5,8 @@ Rows are written in as few round trips as the database allows:
   `COPY` per call (no SQL to build or parse per row; the NOTIFY trigger
   still fires once);
 - jobs with a key (and everything on SQLite) go in with one cached
-  `INSERT … ON CONFLICT (idempotency_key) DO NOTHING`, run as an
+  `INSERT … ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT
+  NULL DO NOTHING`, run as an
   executemany (pipelined by psycopg), after which the ids of keys that were
   already queued are read back, so a repeated key yields the first job's id.
 
@@ -24,6 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from mailqd.errors import StoreError
 from mailqd.models import NewJob
+from mailqd.store.schema import IDEMPOTENCY_KEY_PRESENT
 from mailqd.store.schema import email_queue as q
 
 # Columns a job writes, and their PostgreSQL types for binary COPY. A job
@@ -119,7 +121,9 @@ def _existing_ids(writer: Writer, jobs: Sequence[NewJob]) -> dict[str, str]:
 
 def _insert_statement(dialect: str) -> Any:
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return insert(q).on_conflict_do_nothing(index_elements=["idempotency_key"])
+    return insert(q).on_conflict_do_nothing(
+        index_elements=["idempotency_key"], index_where=IDEMPOTENCY_KEY_PRESENT
+    )
 
 
 def _copy_rows(raw: Any, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:

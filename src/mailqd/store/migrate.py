@@ -48,11 +48,11 @@ def current_revision(engine: sa.Engine) -> str | None:
         return context.get_current_revision()
 
 
-def upgrade(engine: sa.Engine) -> MigrationResult:
-    """Bring the schema to this mailqd's version; safe to run again."""
+def upgrade(engine: sa.Engine, to: str = "head") -> MigrationResult:
+    """Bring the schema to this mailqd's version (or revision `to`); safe to run again."""
     before = current_revision(engine)
     with translate_errors(), engine.begin() as conn:
-        command.upgrade(_config(conn), "head")
+        command.upgrade(_config(conn), to)
     return MigrationResult(before=before, after=current_revision(engine))
 
 

@@ -220,7 +220,19 @@ email_queue = sa.Table(
         "status IN ('pending', 'sending', 'sent', 'failed', 'cancelled')",
         name="ck_email_queue_status",
     ),
-    sa.UniqueConstraint("idempotency_key", name="uq_email_queue_idempotency_key"),
+)
+
+# One job per idempotency key. Partial: rows without a key (most of them) are
+# not in the index, so bulk enqueue maintains one index fewer; an upsert
+# names the predicate (`ON CONFLICT (idempotency_key) WHERE idempotency_key
+# IS NOT NULL`) to use it, see `IDEMPOTENCY_KEY_PRESENT`.
+IDEMPOTENCY_KEY_PRESENT = email_queue.c.idempotency_key.isnot(None)
+sa.Index(
+    "uq_email_queue_idempotency_key",
+    email_queue.c.idempotency_key,
+    unique=True,
+    postgresql_where=IDEMPOTENCY_KEY_PRESENT,
+    sqlite_where=IDEMPOTENCY_KEY_PRESENT,
 )
 
 # The claim reads only pending rows, in claim order; a partial index keeps it
