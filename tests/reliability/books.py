@@ -31,7 +31,8 @@ no job is a `stray` (must be 0).
 
 `close()` prints one result line and appends it, as a Markdown table row, to
 the results file (`MAILQD_RELIABILITY_RESULTS`, default
-`tests/reliability/last_run.md`), which holds the rows of the latest test session.
+`tests/reliability/last_run.md`), which holds the rows of the latest test run
+(from all its pytest-xdist workers).
 """
 
 from __future__ import annotations
