@@ -8,6 +8,7 @@ would prove nothing.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from mailqd import Client
 from mailqd.config import Settings
 from mailqd.errors import ConfigError
 from mailqd.models import Status
-from mailqd.signing import DkimSigner
+from mailqd.signing import DkimSigner, rsassa_pkcs1_v1_5_sign
 from mailqd.store import Store
 from smtp_server import SmtpServer, smtp_server_fixture
 from test_daemon_e2e import daemon_env, stop, wait_all
@@ -140,6 +141,23 @@ def test_pkcs1_keys_work_too(tmp_path: Path) -> None:
     assert signer is not None
     signed = signer.sign(b"From: a@example.com\r\nTo: b@example.com\r\n\r\nbody\r\n")
     assert dkim.verify(signed, dnsfunc=dns_answering(signer.dns_record_value()))
+
+
+@pytest.mark.parametrize("algorithm", ["sha256", "sha1"])
+def test_the_openssl_rsa_step_gives_dkimpys_exact_bytes(key_file: Path, algorithm: str) -> None:
+    """The signer replaces only dkimpy's pure-Python RSA; the signature must not change."""
+    numbers = dkim.crypto.parse_pem_private_key(key_file.read_bytes())
+    for text in (b"", b"a header block", bytes(range(256)) * 40):
+        digest = hashlib.new(algorithm, text)
+        assert rsassa_pkcs1_v1_5_sign(digest, numbers) == dkim.crypto.RSASSA_PKCS1_v1_5_sign(
+            digest, numbers
+        )
+
+
+def test_signing_uses_the_openssl_rsa_step(key_file: Path) -> None:
+    signer = DkimSigner.from_settings(Settings(**settings_for(key_file)))
+    assert signer is not None
+    assert dkim.RSASSA_PKCS1_v1_5_sign is rsassa_pkcs1_v1_5_sign
 
 
 def test_no_dkim_keys_means_no_signing() -> None:
