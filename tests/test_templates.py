@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import stat
-from collections.abc import Callable
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
@@ -41,10 +40,10 @@ from mailqd.models import Status, Template
 from mailqd.secrets import generate_key_file, load_secret_box
 from mailqd.store import Store
 from mailqd.templates import CompiledTemplate, check_template, compile_template, render
-from mailqd.transport import Transport, transport_from_url
 from mailqd.validation import build_job
 from smtp_server import SmtpServer, smtp_server_fixture
 from test_supervisor import assert_one_line_failure, base_env, migrated_sqlite, run_mailqd
+from test_worker import make_settings, smtp_factory
 
 __all__ = ["migrated_sqlite", "smtp_server_fixture"]
 
@@ -52,24 +51,6 @@ DEADLINE = 15.0
 SENDER = "shop@example.com"
 WELCOME_TEXT = "Hello {{ name }},\nyour code is {{ code }}.\n"
 WELCOME_HTML = "<p>Hello {{ name }}</p><p>Code: <b>{{ code }}</b></p>"
-
-
-def make_settings(db_url: str, smtp_url: str, **changes: Any) -> Settings:
-    values: dict[str, Any] = {
-        "database_url": db_url,
-        "smtp_url": smtp_url,
-        "from_address": SENDER,
-        "concurrency": 4,
-        "poll_interval": 0.05,
-        "shutdown_timeout": 2.0,
-        "smtp_timeout": 2.0,
-    }
-    values.update(changes)
-    return Settings().replace(**values)
-
-
-def smtp_factory(settings: Settings) -> Callable[[], Transport]:
-    return lambda: transport_from_url(settings.smtp_url, timeout=settings.smtp_timeout)
 
 
 def deliver_all(settings: Settings, store: Store) -> None:
