@@ -58,6 +58,7 @@ DRAIN_KEYS = {
     "expired",
     "deduplicated",
     "deferred_by_recipient_cap",
+    "throttled_by_domain_limit",
 }
 CLEANUP_KEYS = {"days", "dry_run", "deleted", "batches", "seconds", "longest_batch_seconds"}
 

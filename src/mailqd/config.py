@@ -8,7 +8,9 @@ and command-line flags. A bad value fails with one line naming the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -57,6 +59,13 @@ class Settings:
     secrets_key_file: str = ""
     dedup_window: float = 0.0
     recipient_hourly_cap: int = 0
+    domain_rate_limits: str = ""
+    """Messages per second per recipient domain, e.g. "example.com=10, *.example.org=2.5"."""
+
+    @property
+    def domain_rates(self) -> dict[str, float]:
+        """`domain_rate_limits` parsed: lower-cased domain (or `*.parent`) → messages per second."""
+        return parse_domain_rates(self.domain_rate_limits)
 
     def replace(self, **changes: Any) -> Settings:
         return _validated(dataclasses.replace(self, **changes))
@@ -188,6 +197,7 @@ def _validated(settings: Settings) -> Settings:
         if "choices" in rule and value not in rule["choices"]:
             raise ConfigError(public, f"must be one of {', '.join(rule['choices'])}, got {value!r}")
     _check_listen(settings.metrics_listen)
+    parse_domain_rates(settings.domain_rate_limits)
     smtp_password_source(settings, env={})  # two passwords set: say so before anything runs
     if settings.backoff_max < settings.backoff_base:
         raise ConfigError("backoff_max", "must be at least backoff_base")
@@ -195,6 +205,44 @@ def _validated(settings: Settings) -> Settings:
 
     normalize_url(settings.database_url)
     return settings
+
+
+_LABEL = r"[^\W_](?:[\w-]{0,61}[^\W_])?"
+_DOMAIN = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*")
+
+
+def parse_domain_rates(text: str) -> dict[str, float]:
+    """`"example.com=10, *.example.org=2.5"` → `{"example.com": 10.0, "*.example.org": 2.5}`.
+
+    Entries are separated by commas; domains are lower-cased and matched
+    exactly (a subdomain is another domain), except that `*.parent`
+    matches every subdomain of `parent` (not `parent` itself) and its
+    subdomains share that one limit. Raises `ConfigError` naming the bad
+    entry.
+    """
+    rates: dict[str, float] = {}
+    for entry in (part.strip() for part in text.split(",")):
+        if not entry:
+            continue
+        domain, sep, number = (part.strip() for part in entry.partition("="))
+        domain = domain.lower().rstrip(".")
+        if not sep:
+            raise ConfigError("domain_rate_limits", f"{entry!r} is not DOMAIN=RATE")
+        if not _DOMAIN.fullmatch(domain) or len(domain) > 253:
+            raise ConfigError("domain_rate_limits", f"{entry!r}: {domain!r} is not a domain name")
+        try:
+            rate = float(number)
+        except ValueError:
+            rate = math.nan
+        if not (math.isfinite(rate) and rate > 0):
+            raise ConfigError(
+                "domain_rate_limits",
+                f"{entry!r}: the rate must be a positive number of messages per second",
+            )
+        if domain in rates:
+            raise ConfigError("domain_rate_limits", f"{domain!r} is listed twice")
+        rates[domain] = rate
+    return rates
 
 
 def _check_listen(value: str) -> None:

@@ -147,6 +147,12 @@ class WorkerMetrics:
             "Claims put off to the next hour because a recipient reached recipient_hourly_cap.",
             registry=None,
         )
+        self.domain_throttled = Counter(
+            "mailqd_domain_throttled",
+            "Claimed jobs put off because their recipient domain was at its domain_rate_limits.",
+            ["domain"],
+            registry=None,
+        )
         for outcome in _WORKER_OUTCOMES:
             self.attempts.labels(outcome=outcome.value)  # so every outcome shows, at 0
 
@@ -167,6 +173,8 @@ class WorkerMetrics:
                 self.deduplicated.inc()
             elif item.outcome is Outcome.DEFERRED:
                 self.cap_deferred.inc()
+            elif item.outcome is Outcome.THROTTLED:
+                self.domain_throttled.labels(domain=item.domain).inc()
 
     def claimed(self, count: int) -> None:
         self.claim_batch.observe(count)

@@ -36,6 +36,7 @@ class Outcome(enum.StrEnum):
     LOST = "lost"  # the worker holding the job died; its lease was rescued
     DUPLICATE = "duplicate"  # same content claimed within dedup_window; cancelled, not sent
     DEFERRED = "deferred"  # a recipient reached recipient_hourly_cap; pending, not counted
+    THROTTLED = "throttled"  # a recipient domain at its domain_rate_limits; pending, no attempt row
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,9 +116,16 @@ def check_configuration(
     click.echo(
         f"mailqd: configuration OK (database {redact_url(settings.database_url)}, "
         f"schema {revision}, smtp {redact_url(settings.smtp_url)}{password}, "
-        f"{settings.workers} worker{plural})"
+        f"{settings.workers} worker{plural}{_domain_limits(settings)})"
     )
     return 0
+
+
+def _domain_limits(settings: Settings) -> str:
+    rates = settings.domain_rates
+    if not rates:
+        return ""
+    return ", domain limits: " + ", ".join(f"{d} {r:g}/s" for d, r in rates.items())
 
 
 def run_daemon(

@@ -143,7 +143,8 @@ def drain(state: Context, max_messages: int | None, verbose: bool, out: Output) 
 
     Exits 0 when every job claimed was delivered (or was a duplicate not
     sent, `dedup_window`), 1 when any was not (failed, to be retried later,
-    or deferred to the next hour by `recipient_hourly_cap`).
+    deferred to the next hour by `recipient_hourly_cap`, or put off for a
+    moment by `domain_rate_limits`; drain does not wait for those).
 
     \b
     Example:
@@ -168,6 +169,7 @@ def drain(state: Context, max_messages: int | None, verbose: bool, out: Output) 
         "expired": totals.expired,
         "deduplicated": totals.deduplicated,
         "deferred_by_recipient_cap": totals.deferred,
+        "throttled_by_domain_limit": totals.throttled,
     }
     out.emit(document, lambda: _drain_summary(document))
     if totals.sent + totals.deduplicated < totals.claimed:
@@ -208,6 +210,8 @@ def _drain_summary(document: dict[str, int]) -> str:
                 f", {document['deduplicated']} duplicates not sent, "
                 f"{document['deferred_by_recipient_cap']} deferred by recipient cap"
             )
+        if document["throttled_by_domain_limit"]:
+            held_back += f", {document['throttled_by_domain_limit']} put off by domain rate limits"
         lines.append(
             f"drained {plural(document['claimed'], 'job')}: "
             f"{document['sent']} sent, {retried} retried later, {failed} failed{held_back}"

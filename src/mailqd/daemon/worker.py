@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import signal
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -76,10 +78,12 @@ class BatchResult:
     """Not sent: the same content was claimed within `dedup_window` (cancelled)."""
     deferred: int = 0
     """Not sent yet: a recipient reached `recipient_hourly_cap` (pending, next hour)."""
+    throttled: int = 0
+    """Not sent yet: a recipient domain was at its `domain_rate_limits` (pending, soon)."""
 
     @property
     def recorded(self) -> int:
-        """Attempts whose outcome is committed (duplicates and deferrals at their claim)."""
+        """Outcomes committed (duplicates, deferrals and throttled jobs at their claim)."""
         return (
             self.sent
             + self.retried
@@ -88,6 +92,7 @@ class BatchResult:
             + self.expired
             + self.deduplicated
             + self.deferred
+            + self.throttled
         )
 
     def count(self, completions: Iterable[Completion | Screened]) -> None:
@@ -105,8 +110,9 @@ _RESULT_FIELD = {
     Outcome.LOST: "failed",
     Outcome.DUPLICATE: "deduplicated",
     Outcome.DEFERRED: "deferred",
+    Outcome.THROTTLED: "throttled",
 }
-_SET_ASIDE_EVENT = {
+_SET_ASIDE_EVENT = {  # logged per job; throttled jobs are logged once per claim
     Outcome.DUPLICATE: "duplicate not sent",
     Outcome.DEFERRED: "deferred by recipient cap",
 }
@@ -230,6 +236,7 @@ class Worker:
             rate_limit=self.settings.rate_limit or None,
             dedup_window=self.settings.dedup_window or None,
             recipient_hourly_cap=self.settings.recipient_hourly_cap or None,
+            domain_rate_limits=self.settings.domain_rates or None,
         )
         beat = asyncio.create_task(self._beat_forever(), name="heartbeat")
         services = [
@@ -361,9 +368,10 @@ class Worker:
         """Take rate-limit tokens, claim up to that many jobs and hold those to send.
 
         Returns the claim and how many were asked for (the tokens granted).
-        With `dedup_window` or `recipient_hourly_cap` set, the store sets
-        aside duplicates and capped jobs in the claim's transaction; their
-        tokens are given back, as nothing is sent for them.
+        With `dedup_window`, `recipient_hourly_cap` or `domain_rate_limits`
+        set, the store sets aside duplicates, capped and throttled jobs in
+        the claim's transaction; their tokens are given back, as nothing is
+        sent for them.
         """
         granted = await self._limiter.acquire(want, stop)
         if granted <= 0:
@@ -397,9 +405,18 @@ class Worker:
         self.totals.count(screened)
         if self._metrics is not None:
             self._metrics.screened(screened)
+        throttled = [item for item in screened if item.outcome is Outcome.THROTTLED]
         for item in screened:
-            event = _SET_ASIDE_EVENT[item.outcome]
-            self._log.info(event, job_id=item.job.id, reason=mask_addresses_in(item.reason))
+            if item.outcome is not Outcome.THROTTLED:
+                event = _SET_ASIDE_EVENT[item.outcome]
+                self._log.info(event, job_id=item.job.id, reason=mask_addresses_in(item.reason))
+        if throttled:
+            self._log.info(
+                "throttled by domain rate limits",
+                count=len(throttled),
+                domains=dict(Counter(item.domain for item in throttled)),
+                due_within_seconds=round(max(item.delay for item in throttled), 2),
+            )
         self._progress.set()
 
     def _start(self, jobs: Sequence[Job]) -> list[asyncio.Task[Completion]]:
@@ -576,16 +593,21 @@ async def _cancel(tasks: Sequence[asyncio.Future[Any]]) -> None:
 
 
 def screen_rules(settings: Settings) -> ScreenRules | None:
-    """The claim-time screening the settings ask for; None when both rules are off."""
-    if settings.dedup_window <= 0 and settings.recipient_hourly_cap <= 0:
-        return None
-    box = load_secret_box(settings.secrets_key_file) if settings.dedup_window > 0 else None
-    return ScreenRules(
+    """The claim-time screening the settings ask for; None when every rule is off."""
+    rules = ScreenRules(
         dedup_window=settings.dedup_window,
         recipient_hourly_cap=settings.recipient_hourly_cap,
-        # Sealed variables differ at every enqueue: the hash is over what they say.
-        open_variables=None if box is None else partial(unseal_variables, box=box),
+        domain_rates=settings.domain_rates,
     )
+    if not rules.active:
+        return None
+    if settings.dedup_window <= 0:
+        return rules
+    # Sealed variables differ at every enqueue: the hash is over what they say.
+    box = load_secret_box(settings.secrets_key_file)
+    if box is None:
+        return rules
+    return dataclasses.replace(rules, open_variables=partial(unseal_variables, box=box))
 
 
 def _name(task: asyncio.Future[Any]) -> str:

@@ -287,6 +287,9 @@ rate_limit = sa.Table(
     sa.Column("refilled_at", sa.Float, nullable=False),
     # Size of the grant made by the last take: what the take's RETURNING reports.
     sa.Column("granted", sa.Integer, nullable=False, server_default="0"),
+    # Epoch seconds up to which jobs that found the bucket empty were given slots
+    # to come back in (per-domain limits, `mailqd.store.buckets.reserve`).
+    sa.Column("reserved_until", sa.Float, nullable=True),
 )
 
 # Message templates, rendered with a job's `variables` at send time (Jinja2, sandboxed).

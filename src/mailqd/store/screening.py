@@ -1,4 +1,4 @@
-"""Claim-time screening: the content de-duplication window and the per-recipient hourly cap.
+"""Claim-time screening: de-duplication, the per-recipient hourly cap, per-domain rate limits.
 
 Both are judged when a worker claims jobs (`Store.claim_screened`), in the
 claim's own transaction, so they cover every way a job got into the queue
@@ -19,6 +19,19 @@ hour are counted in `mailqd_recipient_counts` with one upsert per batch.
 A job any of whose recipients is over the cap is not sent and not failed:
 it goes back to pending, due at the start of the next hour, its attempt
 not counted, with a `deferred` attempt row saying which recipient.
+
+Per-domain rate limits: each limited recipient domain has a token bucket
+(`mailqd.store.buckets`, named `domain:<domain>`) taken from in the
+claim's transaction, once per job however many of its recipients are in
+that domain. Jobs are admitted in claim order while every limited domain
+of the job has a token; tokens taken for jobs that were not admitted are
+given back. A job turned away goes back to pending, its attempt not
+counted and no attempt row written (nothing was tried, and `last_error`
+is kept), due in the slot its domain's bucket hands it: the k-th waiting
+job of a domain comes back about `wait for the next token + k / rate`
+seconds later, after the jobs already waiting. So a backlog is spread
+over the time the limit needs to send it, deferred about once per job,
+and no worker re-claims it in a loop.
 """
 
 from __future__ import annotations
@@ -26,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -37,9 +50,20 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from mailqd.models import Job, Outcome, Status
+from mailqd.store import buckets
 from mailqd.store.schema import add_seconds, dedup, email_attempts, email_queue, recipient_counts
 
-__all__ = ["ScreenRules", "Screened", "ScreenedClaim", "content_hash", "recipients_of"]
+__all__ = [
+    "DOMAIN_BUCKET_PREFIX",
+    "ScreenRules",
+    "Screened",
+    "ScreenedClaim",
+    "content_hash",
+    "recipients_of",
+]
+
+DOMAIN_BUCKET_PREFIX = "domain:"
+"""`mailqd_rate_limit` rows of the per-domain limits are named `domain:<domain>`."""
 
 q = email_queue
 d = dedup
@@ -70,11 +94,27 @@ class ScreenRules:
     """Seconds: a job with the same content as one claimed this recently is not sent."""
     recipient_hourly_cap: int = 0
     """Sends begun per recipient per clock hour; more wait for the next hour."""
+    domain_rates: Mapping[str, float] = field(default_factory=dict)
+    """Messages per second per recipient domain (`Settings.domain_rates`); `*.d`: d's subdomains."""
     open_variables: Callable[[Any], Any] | None = field(default=None, compare=False)
 
     @property
     def active(self) -> bool:
-        return self.dedup_window > 0 or self.recipient_hourly_cap > 0
+        return self.dedup_window > 0 or self.recipient_hourly_cap > 0 or bool(self.domain_rates)
+
+    def limited_domain(self, domain: str) -> str | None:
+        """The `domain_rates` key that limits a (lower-cased) recipient domain, if any.
+
+        The exact domain first, then the closest `*.parent` above it.
+        """
+        if domain in self.domain_rates:
+            return domain
+        labels = domain.split(".")
+        for i in range(1, len(labels)):
+            wildcard = "*." + ".".join(labels[i:])
+            if wildcard in self.domain_rates:
+                return wildcard
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +123,13 @@ class Screened:
 
     job: Job
     outcome: Outcome
-    """`Outcome.DUPLICATE` (now cancelled) or `Outcome.DEFERRED` (pending again)."""
+    """`DUPLICATE` (now cancelled), `DEFERRED` or `THROTTLED` (both pending again)."""
     reason: str
-    """The job's `last_error` and its attempt row's text."""
+    """The job's `last_error` and its attempt row's text (`THROTTLED`: for the log only)."""
+    domain: str = ""
+    """`THROTTLED`: the limited domain (a `domain_rates` key) that held the job back."""
+    delay: float = 0.0
+    """`THROTTLED`: seconds from the claim until the job is due again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +205,13 @@ def screen(
     if rules.recipient_hourly_cap > 0:
         remaining = [job for job in jobs if job.id not in screened]
         screened |= _cap(conn, dialect, remaining, rules.recipient_hourly_cap, at)
+    if rules.domain_rates:
+        remaining = [job for job in jobs if job.id not in screened]
+        throttled = _throttle(conn, dialect, remaining, rules, at)
+        if rules.recipient_hourly_cap > 0:  # their sends were counted, and did not begin
+            hour = at.replace(minute=0, second=0, microsecond=0)
+            _give_back(conn, hour, Counter(a for s in throttled.values() for a in _counted(s.job)))
+        screened |= throttled
     if screened:
         _record(conn, list(screened.values()), owner, at)
     return ScreenedClaim(
@@ -221,7 +272,7 @@ def _cap(
     job has room, and what the deferred jobs had added is taken back. The
     rows are written in address order (no deadlock between workers).
     """
-    wanted = {job.id: [r for r in recipients_of(job) if len(r) <= _LONGEST_ADDRESS] for job in jobs}
+    wanted = {job.id: _counted(job) for job in jobs}
     demand = Counter(address for addresses in wanted.values() for address in addresses)
     if not demand:
         return {}
@@ -253,6 +304,81 @@ def _cap(
     return deferred
 
 
+def _counted(job: Job) -> list[str]:
+    """The job's recipients that the cap counts."""
+    return [r for r in recipients_of(job) if len(r) <= _LONGEST_ADDRESS]
+
+
+def _throttle(
+    conn: sa.Connection, dialect: str, jobs: Sequence[Job], rules: ScreenRules, at: datetime
+) -> dict[str, Screened]:
+    """Take a token per job from each limited domain it sends to; put off the jobs that get none.
+
+    One take per limited domain in the batch, in domain order (no deadlock
+    between workers: the rows stay locked until the claim commits). The
+    jobs are then admitted in claim order while each of their domains has
+    a token left; what is left over is given back. The jobs turned away
+    are handed slots by their domains' buckets (`buckets.reserve`) and are
+    due at the latest of their slots.
+    """
+    limited = {job.id: _limited_domains(job, rules) for job in jobs}
+    demand = Counter(domain for domains in limited.values() for domain in domains)
+    if not demand:
+        return {}
+    now = at.timestamp()  # the claim's database time: all buckets of this claim agree
+    left: dict[str, int] = {}
+    for domain, n in sorted(demand.items()):
+        rate = rules.domain_rates[domain]
+        grant = buckets.take(conn, dialect, _bucket(domain), n, rate, _burst(rate), now)
+        left[domain] = grant.granted
+    refused: list[tuple[Job, list[str]]] = []
+    for job in jobs:
+        empty = [domain for domain in limited[job.id] if left[domain] <= 0]
+        if empty:
+            refused.append((job, empty))
+            continue
+        for domain in limited[job.id]:
+            left[domain] -= 1
+    for domain, unused in sorted(left.items()):
+        rate = rules.domain_rates[domain]
+        buckets.give_back(conn, dialect, _bucket(domain), unused, _burst(rate))
+    waiting = Counter(domain for _, empty in refused for domain in empty)
+    first_slot = {
+        domain: buckets.reserve(conn, dialect, _bucket(domain), n, rules.domain_rates[domain], now)
+        for domain, n in sorted(waiting.items())
+    }
+    places: Counter[str] = Counter()
+    throttled: dict[str, Screened] = {}
+    for job, empty in refused:
+        slots: dict[str, float] = {}
+        for domain in empty:
+            slots[domain] = first_slot[domain] + places[domain] / rules.domain_rates[domain]
+            places[domain] += 1
+        domain = max(slots, key=lambda d: slots[d])
+        delay = max(0.0, slots[domain] - now)
+        reason = (
+            f"recipient domain {domain} is at its domain_rate_limits "
+            f"({rules.domain_rates[domain]:g}/s); due again in {delay:.2f} s, attempt not counted"
+        )
+        throttled[job.id] = Screened(job, Outcome.THROTTLED, reason, domain=domain, delay=delay)
+    return throttled
+
+
+def _limited_domains(job: Job, rules: ScreenRules) -> list[str]:
+    """The `domain_rates` keys the job's recipients fall under, each once, sorted."""
+    found = {rules.limited_domain(address.rpartition("@")[2]) for address in recipients_of(job)}
+    return sorted(domain for domain in found if domain is not None)
+
+
+def _bucket(domain: str) -> str:
+    return DOMAIN_BUCKET_PREFIX + domain
+
+
+def _burst(rate: float) -> float:
+    """One second's worth, and at least one message, as for `rate_limit`."""
+    return max(1.0, rate)
+
+
 def _give_back(conn: sa.Connection, hour: datetime, unused: Counter[str]) -> None:
     """Take back the counts added for jobs that were deferred after all."""
     if not unused:
@@ -269,7 +395,11 @@ def _give_back(conn: sa.Connection, hour: datetime, unused: Counter[str]) -> Non
 
 
 def _record(conn: sa.Connection, screened: list[Screened], owner: str, at: datetime) -> None:
-    """Duplicates end cancelled (attempt counted); deferrals are pending again (not counted)."""
+    """Duplicates end cancelled (attempt counted); deferrals are pending again (not counted).
+
+    Throttled jobs are pending again too, each due after its own delay,
+    with neither an attempt row nor a new `last_error`: nothing was tried.
+    """
     next_hour = at.replace(minute=0, second=0, microsecond=0) + _HOUR
     held = (
         (q.c.id == sa.bindparam("b_id"))
@@ -279,6 +409,7 @@ def _record(conn: sa.Connection, screened: list[Screened], owner: str, at: datet
     released: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None, "updated_at": at}
     duplicates = [s for s in screened if s.outcome is Outcome.DUPLICATE]
     deferred = [s for s in screened if s.outcome is Outcome.DEFERRED]
+    throttled = [s for s in screened if s.outcome is Outcome.THROTTLED]
     if duplicates:
         stmt = (
             q.update()
@@ -303,6 +434,23 @@ def _record(conn: sa.Connection, screened: list[Screened], owner: str, at: datet
             )
         )
         conn.execute(stmt, [{"b_id": s.job.id, "b_error": s.reason} for s in deferred])
+    if throttled:
+        stmt = (
+            q.update()
+            .where(held)
+            .values(
+                status=Status.PENDING,
+                next_attempt_at=sa.bindparam("b_due", type_=q.c.next_attempt_at.type),
+                **released,
+            )
+        )
+        conn.execute(
+            stmt,
+            [{"b_id": s.job.id, "b_due": at + timedelta(seconds=s.delay)} for s in throttled],
+        )
+    attempted = [s for s in screened if s.outcome is not Outcome.THROTTLED]
+    if not attempted:
+        return
     conn.execute(
         email_attempts.insert(),
         [
@@ -315,7 +463,7 @@ def _record(conn: sa.Connection, screened: list[Screened], owner: str, at: datet
                 "smtp_text": s.reason,
                 "worker": owner,
             }
-            for s in screened
+            for s in attempted
         ],
     )
 

@@ -51,7 +51,7 @@ q = email_queue
 a = email_attempts
 
 _CLEANUP_BATCH = 1000
-_SCREENED_OUTCOMES = (Outcome.DUPLICATE, Outcome.DEFERRED)
+_SCREENED_OUTCOMES = (Outcome.DUPLICATE, Outcome.DEFERRED, Outcome.THROTTLED)
 """Attempt rows of jobs set aside at claim time (`claim_screened`): nothing was tried."""
 _FIVE_MINUTES = 300.0
 _HOUR = 3600.0
@@ -295,7 +295,7 @@ class Store:
         rules: ScreenRules,
         now: datetime | None = None,
     ) -> ScreenedClaim:
-        """`claim`, then set aside duplicates and jobs over a recipient's cap, in one transaction.
+        """`claim`, then set aside duplicates and capped or throttled jobs, in one transaction.
 
         What `rules` turns away is recorded before this returns (see
         `mailqd.store.screening`); only the jobs to send are held. One
