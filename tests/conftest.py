@@ -7,6 +7,7 @@ one on 127.0.0.1:5432, or starts a throwaway cluster (see ``tests/pg.py``).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -84,8 +85,10 @@ def make_pg_database(pg_admin_url: str) -> Iterator[MakeDatabase]:
         return url
 
     yield make
-    for name in reversed(created):
-        drop_database(pg_admin_url, name)
+    # Each DROP DATABASE waits for a checkpoint; the checkpointer serves
+    # concurrent requests together, so dropping a few at a time ends the run sooner.
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda name: drop_database(pg_admin_url, name), reversed(created)))
 
 
 @pytest.fixture
