@@ -121,7 +121,13 @@ def exposed(daemons: DaemonPool, sqlite_url: str) -> dict[str, set[str]]:
     engine = make_engine(sqlite_url)
     upgrade(engine)
     engine.dispose()
-    env = {"MAILQD_DATABASE_URL": sqlite_url, "MAILQD_SMTP_URL": "null://", "MAILQD_WORKERS": "1"}
+    env = {
+        "MAILQD_DATABASE_URL": sqlite_url,
+        "MAILQD_SMTP_URL": "null://",
+        "MAILQD_WORKERS": "1",
+        # A configured domain limit shows its counter at 0 from the start.
+        "MAILQD_DOMAIN_RATE_LIMITS": "example.org=100",
+    }
     daemon = daemons.mailqd(env)
     sidecar = daemon.sidecar_url()
     with Client(sqlite_url) as client:

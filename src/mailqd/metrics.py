@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
@@ -93,7 +93,8 @@ class WorkerMetrics:
     hooks where it records outcomes, claims and waits for the rate limit.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limited_domains: Iterable[str] = ()) -> None:
+        """`limited_domains`: the keys of `domain_rate_limits`, shown at 0 from the start."""
         self.sent = Counter(
             "mailqd_email_sent",
             "Messages delivered (the SMTP server accepted them), counted when recorded.",
@@ -155,6 +156,8 @@ class WorkerMetrics:
         )
         for outcome in _WORKER_OUTCOMES:
             self.attempts.labels(outcome=outcome.value)  # so every outcome shows, at 0
+        for domain in limited_domains:
+            self.domain_throttled.labels(domain=domain)
 
     def recorded(self, batch: Sequence[Completion]) -> None:
         """Outcomes committed to the database: counted once, after the commit."""

@@ -676,7 +676,7 @@ async def _serve(
             identity.owner,
             make_transport,
             heartbeat=heartbeat,
-            metrics=WorkerMetrics(),
+            metrics=WorkerMetrics(limited_domains=settings.domain_rates),
         )
         await worker.run(stop)
     finally:
