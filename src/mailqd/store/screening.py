@@ -129,7 +129,7 @@ class Screened:
     domain: str = ""
     """`THROTTLED`: the limited domain (a `domain_rates` key) that held the job back."""
     delay: float = 0.0
-    """`THROTTLED`: seconds from the claim until the job is due again."""
+    """`DEFERRED`, `THROTTLED`: seconds from the claim until the job is due again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +299,9 @@ def _cap(
             f"deferred to {next_hour:%Y-%m-%d %H:%M} UTC: recipient {full} reached "
             f"recipient_hourly_cap ({cap} per hour); attempt not counted"
         )
-        deferred[job.id] = Screened(job, Outcome.DEFERRED, reason)
+        deferred[job.id] = Screened(
+            job, Outcome.DEFERRED, reason, delay=(next_hour - at).total_seconds()
+        )
     _give_back(conn, hour, +unused)
     return deferred
 
@@ -394,60 +396,47 @@ def _give_back(conn: sa.Connection, hour: datetime, unused: Counter[str]) -> Non
     )
 
 
+# How `_record` leaves a job of each kind: its new values, with `b_error`
+# (the reason) and `b_due` (when it is due again) bound per job.
+_SET_ASIDE_VALUES: dict[Outcome, dict[str, Any]] = {
+    Outcome.DUPLICATE: {
+        "status": Status.CANCELLED,
+        "attempts": q.c.attempts + 1,
+        "last_error": sa.bindparam("b_error"),
+    },
+    Outcome.DEFERRED: {
+        "status": Status.PENDING,
+        "next_attempt_at": sa.bindparam("b_due", type_=q.c.next_attempt_at.type),
+        "last_error": sa.bindparam("b_error"),
+    },
+    Outcome.THROTTLED: {
+        "status": Status.PENDING,
+        "next_attempt_at": sa.bindparam("b_due", type_=q.c.next_attempt_at.type),
+    },
+}
+
+
 def _record(conn: sa.Connection, screened: list[Screened], owner: str, at: datetime) -> None:
     """Duplicates end cancelled (attempt counted); deferrals are pending again (not counted).
 
-    Throttled jobs are pending again too, each due after its own delay,
-    with neither an attempt row nor a new `last_error`: nothing was tried.
+    Deferred jobs are due at the next hour. Throttled jobs are pending too,
+    each due after its own delay, with neither an attempt row nor a new
+    `last_error`: nothing was tried.
     """
-    next_hour = at.replace(minute=0, second=0, microsecond=0) + _HOUR
     held = (
         (q.c.id == sa.bindparam("b_id"))
         & (q.c.status == Status.SENDING)
         & (q.c.lease_owner == owner)
     )
     released: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None, "updated_at": at}
-    duplicates = [s for s in screened if s.outcome is Outcome.DUPLICATE]
-    deferred = [s for s in screened if s.outcome is Outcome.DEFERRED]
-    throttled = [s for s in screened if s.outcome is Outcome.THROTTLED]
-    if duplicates:
-        stmt = (
-            q.update()
-            .where(held)
-            .values(
-                status=Status.CANCELLED,
-                attempts=q.c.attempts + 1,
-                last_error=sa.bindparam("b_error"),
-                **released,
-            )
-        )
-        conn.execute(stmt, [{"b_id": s.job.id, "b_error": s.reason} for s in duplicates])
-    if deferred:
-        stmt = (
-            q.update()
-            .where(held)
-            .values(
-                status=Status.PENDING,
-                next_attempt_at=next_hour,
-                last_error=sa.bindparam("b_error"),
-                **released,
-            )
-        )
-        conn.execute(stmt, [{"b_id": s.job.id, "b_error": s.reason} for s in deferred])
-    if throttled:
-        stmt = (
-            q.update()
-            .where(held)
-            .values(
-                status=Status.PENDING,
-                next_attempt_at=sa.bindparam("b_due", type_=q.c.next_attempt_at.type),
-                **released,
-            )
-        )
-        conn.execute(
-            stmt,
-            [{"b_id": s.job.id, "b_due": at + timedelta(seconds=s.delay)} for s in throttled],
-        )
+    for outcome, values in _SET_ASIDE_VALUES.items():
+        params = [
+            {"b_id": s.job.id, "b_error": s.reason, "b_due": at + timedelta(seconds=s.delay)}
+            for s in screened
+            if s.outcome is outcome
+        ]
+        if params:
+            conn.execute(q.update().where(held).values(**values, **released), params)
     attempted = [s for s in screened if s.outcome is not Outcome.THROTTLED]
     if not attempted:
         return
