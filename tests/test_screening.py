@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
@@ -282,6 +283,7 @@ def test_cap_defers_the_excess_to_the_next_hour_without_counting_an_attempt(
     store: Store, db_url: str, smtp_server: SmtpServer
 ) -> None:
     settings = make_settings(db_url, smtp_server.url(), recipient_hourly_cap=2)
+    _clear_of_the_hour_turn()
     capped = enqueue(store, 5, to="busy@example.com")
     others = enqueue(store, 2, to="quiet@example.com")
 
@@ -348,6 +350,7 @@ def test_stats_and_metrics_show_duplicates_and_deferrals(
     engine = make_engine(sqlite_url)
     upgrade(engine)
     engine.dispose()
+    _clear_of_the_hour_turn()
     with Client(sqlite_url) as client:
         for _ in range(2):
             client.enqueue("alice@example.com", "Your code", "123456")
@@ -421,6 +424,19 @@ def _feature_env() -> dict[str, str]:
 
 def _next_hour(at: datetime) -> datetime:
     return at.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+
+
+def _clear_of_the_hour_turn(margin: float = 60.0) -> None:
+    """Return once the next turn of the clock hour is more than `margin` seconds away.
+
+    The cap counts per clock hour; a test on the real clock whose claims
+    straddled a turn would see the counts start again. Waits at most
+    `margin` seconds, and only in the last `margin` seconds of an hour.
+    """
+    deadline = time.monotonic() + margin + 5.0
+    while (_next_hour(datetime.now(UTC)) - datetime.now(UTC)).total_seconds() <= margin:
+        assert time.monotonic() < deadline, "the clock did not pass the turn of the hour"
+        time.sleep(0.5)
 
 
 def _complete(store: Store, job_id: str, owner: str, outcome: Outcome) -> None:
