@@ -104,6 +104,36 @@ def _status_is(status: Status) -> sa.ColumnElement[bool]:
     return q.c.status == sa.literal_column(f"'{status.value}'")
 
 
+def _status_in(*statuses: Status) -> sa.ColumnElement[bool]:
+    """`status IN ('sent', 'failed')`, values inlined for the same reason as `_status_is`."""
+    return q.c.status.in_([sa.literal_column(f"'{s.value}'") for s in statuses])
+
+
+def _counts_by_status() -> sa.CompoundSelect[Any]:
+    """(status, jobs) rows, each status counted through the partial index that holds it.
+
+    One GROUP BY over the table would read every row (or, on PostgreSQL,
+    find no index holding all statuses); this reads the pending, sending and
+    finished entries of their own indexes. Statuses with no jobs may be
+    missing or 0.
+    """
+
+    def one(status: Status) -> sa.Select[str, int]:
+        label = sa.literal_column(f"'{status.value}'", sa.String).label("status")
+        return sa.select(label, sa.func.count()).where(_status_is(status))
+
+    finished = (
+        sa.select(q.c.status, sa.func.count())
+        .where(_status_in(*FINISHED_STATUSES))
+        .group_by(q.c.status)
+    )
+    return sa.union_all(one(Status.PENDING), one(Status.SENDING), finished)
+
+
+def _read_counts(conn: sa.Connection) -> dict[Status, int]:
+    return {Status(status): n for status, n in conn.execute(_counts_by_status()) if n}
+
+
 def _claim_statement(at: sa.ColumnElement[datetime]) -> sa.Update:
     """The claim, with `b_limit`, `b_owner` and `b_lease` (seconds) bound at execution."""
     due = (
@@ -481,7 +511,7 @@ class Store:
         Without ids, the most recently failed first, up to `limit`.
         """
         at = _now(now)
-        chosen = sa.select(q.c.id).where(q.c.status == Status.FAILED)
+        chosen = sa.select(q.c.id).where(_status_is(Status.FAILED))
         if job_ids is not None:
             chosen = chosen.where(q.c.id.in_(job_ids))
         if limit is not None:
@@ -574,7 +604,7 @@ class Store:
     def list_failed(self, limit: int) -> list[Job]:
         stmt = (
             sa.select(q)
-            .where(q.c.status == Status.FAILED)
+            .where(_status_is(Status.FAILED))
             .order_by(q.c.updated_at.desc(), q.c.id)
             .limit(limit)
         )
@@ -584,12 +614,11 @@ class Store:
     def counts(self, now: datetime | None = None) -> QueueCounts:
         """Jobs per status, and how long the oldest due pending job has waited."""
         at = _now(now)
-        by_status = sa.select(q.c.status, sa.func.count()).group_by(q.c.status)
         oldest = sa.select(seconds_between(at, sa.func.min(q.c.next_attempt_at))).where(
-            q.c.status == Status.PENDING, q.c.next_attempt_at <= at
+            _status_is(Status.PENDING), q.c.next_attempt_at <= at
         )
         with self._begin() as conn:
-            counts = {Status(s): n for s, n in conn.execute(by_status)}
+            counts = _read_counts(conn)
             age = conn.execute(oldest).scalar()
         return QueueCounts(by_status=counts, oldest_due_age_seconds=age)
 
@@ -652,7 +681,7 @@ class Store:
         self, older_than_days: float, now: datetime | None
     ) -> sa.ColumnElement[bool]:
         cutoff = add_seconds(_now(now), -older_than_days * 86400)
-        return q.c.status.in_(FINISHED_STATUSES) & (q.c.updated_at < cutoff)
+        return _status_in(*FINISHED_STATUSES) & (q.c.updated_at < cutoff)
 
     def _notify(self, conn: sa.Connection) -> None:
         """Wake listening workers (PostgreSQL); SQLite workers poll."""
@@ -665,12 +694,11 @@ class Store:
         """Counts by status, what is due and waiting to retry, and the last 5 minutes and hour.
 
         "Sent"/"failed" in a window are jobs whose final state was reached in
-        it (`updated_at`, read through the status/updated_at index, so the
+        it (`updated_at`, read through the finished-jobs index, so the
         millions of older sent rows are not scanned); attempts come from the
         attempts table by start time.
         """
         at = _now(now)
-        pending = q.c.status == Status.PENDING
         is_due = q.c.next_attempt_at <= at
         waiting_retry = (q.c.attempts > 0) & (q.c.next_attempt_at > at)
         pending_stmt = sa.select(
@@ -680,7 +708,7 @@ class Store:
             sa.func.count().filter(
                 waiting_retry & (q.c.next_attempt_at <= add_seconds(at, soon_seconds))
             ),
-        ).where(pending)
+        ).where(_status_is(Status.PENDING))
         hour_ago, five_min_ago = add_seconds(at, -_HOUR), add_seconds(at, -_FIVE_MINUTES)
         ended_recently = (q.c.updated_at > hour_ago) & (q.c.updated_at <= at)
         in_5m = q.c.updated_at > five_min_ago
@@ -690,7 +718,7 @@ class Store:
             sa.func.count().filter(failed & in_5m),
             sa.func.count().filter(sent),
             sa.func.count().filter(failed),
-        ).where(q.c.status.in_((Status.SENT, Status.FAILED)), ended_recently)
+        ).where(_status_in(Status.SENT, Status.FAILED), ended_recently)
         in_5m_attempts = a.c.started_at > five_min_ago
         tried = a.c.outcome.not_in(_SCREENED_OUTCOMES)
         duplicate, deferred = a.c.outcome == Outcome.DUPLICATE, a.c.outcome == Outcome.DEFERRED
@@ -702,10 +730,9 @@ class Store:
             sa.func.count().filter(duplicate),
             sa.func.count().filter(deferred),
         ).where(a.c.started_at > hour_ago, a.c.started_at <= at)
-        by_status = sa.select(q.c.status, sa.func.count()).group_by(q.c.status)
         with self._begin() as conn:
             taken_at = conn.execute(sa.select(at)).scalar_one()
-            counts = {Status(s): n for s, n in conn.execute(by_status)}
+            counts = _read_counts(conn)
             due, oldest, retrying, soon = conn.execute(pending_stmt).one()
             sent_5m, failed_5m, sent_1h, failed_1h = conn.execute(finished_stmt).one()
             attempts = conn.execute(attempts_stmt).one()
@@ -725,21 +752,24 @@ class Store:
     def unfinished_counts(self, now: datetime | None = None) -> QueueCounts:
         """Pending, sending and failed jobs, and the oldest due job's wait, in one statement.
 
-        For `/metrics`, which may be scraped every second: it reads only rows
-        in those three statuses (through the status index), never the sent
-        rows that make up most of the table, so `by_status` holds only those
-        three statuses.
+        For `/metrics`, which may be scraped every second: each count reads
+        only its own status's entries in the index that holds them, never
+        the sent rows that make up most of the table, so `by_status` holds
+        only those three statuses.
         """
         at = _now(now)
-        pending = q.c.status == Status.PENDING
+
+        def count(status: Status) -> sa.ScalarSelect[Any]:
+            return sa.select(sa.func.count()).where(_status_is(status)).scalar_subquery()
+
+        oldest_due = (
+            sa.select(seconds_between(at, sa.func.min(q.c.next_attempt_at)))
+            .where(_status_is(Status.PENDING), q.c.next_attempt_at <= at)
+            .scalar_subquery()
+        )
         stmt = sa.select(
-            sa.func.count().filter(pending),
-            sa.func.count().filter(q.c.status == Status.SENDING),
-            sa.func.count().filter(q.c.status == Status.FAILED),
-            seconds_between(
-                at, sa.func.min(q.c.next_attempt_at).filter(pending & (q.c.next_attempt_at <= at))
-            ),
-        ).where(q.c.status.in_((Status.PENDING, Status.SENDING, Status.FAILED)))
+            count(Status.PENDING), count(Status.SENDING), count(Status.FAILED), oldest_due
+        )
         with self._begin() as conn:
             pending_count, sending_count, failed_count, oldest = conn.execute(stmt).one()
         return QueueCounts(
