@@ -354,3 +354,30 @@ def test_migrations_build_exactly_the_declared_schema(store: Store) -> None:
         context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
         diff = compare_metadata(context, metadata)
     assert diff == []
+
+
+def test_no_index_but_the_claim_index_leads_with_status_over_pending_rows(pg_url: str) -> None:
+    """The planner must have one way to find pending rows: the claim index, in claim order.
+
+    An index on (status, ...) that also held pending rows let stale statistics
+    ("few pending", as after a quiet spell) send each claim through it: every
+    pending row read and sorted per claim, a 20,000-job backlog drained at half
+    speed (bench/bench_daemon.py). Such an index must leave pending rows out.
+    """
+    store = Store.from_url(pg_url)
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'email_queue'"
+        ).all()
+    store.close()
+    definitions = dict(rows)
+    assert "pending" in definitions["ix_email_queue_claim"]
+    leading_status = {
+        name: definition
+        for name, definition in definitions.items()
+        if "btree (status" in definition and name != "ix_email_queue_claim"
+    }
+    assert leading_status, "the finished-jobs index is expected to lead with status"
+    for name, definition in leading_status.items():
+        predicate = definition.partition(" WHERE ")[2]
+        assert predicate and "pending" not in predicate, f"{name} holds pending rows: {definition}"
