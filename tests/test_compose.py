@@ -327,6 +327,18 @@ def test_internationalized_domain_is_sent_as_punycode() -> None:
     assert parse(message)["To"].addresses[0].addr_spec == "jose@xn--exmple-cua.org"
 
 
+@pytest.mark.parametrize(
+    ("domain", "a_label"),
+    [("faß.de", "xn--fa-hia.de"), ("βόλος.com", "xn--nxasmm1c.com")],
+)
+def test_idna_2008_domains_keep_their_own_a_label(domain: str, a_label: str) -> None:
+    """IDNA 2003 (Python's `idna` codec) maps ß to ss and final sigma to sigma: the mail
+    would go to another domain. The client validates with IDNA 2008; so must sending."""
+    message = build(recipient_to=f"anna@{domain}")
+
+    assert message.recipients == (f"anna@{a_label}",)
+
+
 def test_extra_header_too_long_to_fold_is_encoded_and_reads_back() -> None:
     message = build(headers={"X-Long": "x" * 2000})
 

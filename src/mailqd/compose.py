@@ -37,6 +37,8 @@ from email.utils import format_datetime, getaddresses, quote
 from functools import lru_cache
 from html.parser import HTMLParser
 
+import idna
+
 from mailqd.errors import (
     HeaderInjectionError,
     InvalidAddressError,
@@ -314,9 +316,12 @@ def _ascii_domain(domain: str, field: str) -> str:
     if _DOMAIN_LITERAL.match(domain):
         return domain
     if not domain.isascii():
+        # IDNA 2008 with UTS #46 mapping, as email-validator checks it at
+        # enqueue; Python's own "idna" codec is IDNA 2003, which turns ß
+        # into ss and so would send faß.de's mail to fass.de.
         try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
+            domain = idna.encode(domain, uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError):
             raise InvalidAddressError(field, "an address has an invalid domain") from None
     if len(domain) > 253 or not _DOMAIN.match(domain):
         raise InvalidAddressError(field, "an address has an invalid domain")
