@@ -8,7 +8,6 @@ does not burn CPU while it waits.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -27,7 +26,7 @@ from mailqd.store.ratelimit import RateLimits
 from mailqd.store.screening import ScreenRules
 from sidecar_client import scrape
 from smtp_server import SmtpServer, smtp_server_fixture
-from test_screening import LEASE, by_status
+from test_screening import LEASE, by_status, claim_at_once
 from test_supervisor import assert_one_line_failure, base_env, migrated_sqlite, run_mailqd
 from test_worker import DEADLINE, enqueue, make_settings, run, running, smtp_factory
 
@@ -215,20 +214,7 @@ def test_concurrent_claims_never_take_more_than_the_bucket_holds(store: Store) -
     enqueue(store, 40, to="someone@slow.example")
     screening = rules(slow_example=5)
     at = start()  # one instant for all: no refill, so exactly the burst may pass
-    barrier = threading.Barrier(8)
-    sendable: list[int] = []
-
-    def claimer(n: int) -> None:
-        barrier.wait()
-        claim = store.claim_screened(f"c{n}", 5, LEASE, screening, now=at)
-        sendable.append(len(claim.jobs))
-
-    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(DEADLINE)
-    assert sum(sendable) == 5
+    assert sum(claim_at_once(store, screening, limit=5, now=at)) == 5
     counts = store.counts().by_status
     assert (counts.get(Status.SENDING), counts.get(Status.PENDING)) == (5, 35)
 

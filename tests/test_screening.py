@@ -193,20 +193,7 @@ def test_two_workers_racing_on_duplicates_deliver_exactly_one(
 def test_concurrent_claims_of_duplicates_let_exactly_one_through(store: Store) -> None:
     """The hash's primary key decides, whichever transaction commits first."""
     enqueue(store, 8, **SAME)
-    rules = ScreenRules(dedup_window=600)
-    barrier = threading.Barrier(8)
-    sendable: list[int] = []
-
-    def claimer(n: int) -> None:
-        barrier.wait()
-        claim = store.claim_screened(f"c{n}", 1, LEASE, rules)
-        sendable.append(len(claim.jobs))
-
-    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(DEADLINE)
+    sendable = claim_at_once(store, ScreenRules(dedup_window=600), limit=1)
     assert sorted(sendable) == [0] * 7 + [1]
     counts = store.counts().by_status
     assert (counts.get(Status.SENDING), counts.get(Status.CANCELLED)) == (1, 7)
@@ -416,6 +403,27 @@ def test_drain_counts_a_duplicate_as_done_and_a_deferral_as_not(
 
 
 # -- helpers ----------------------------------------------------------------------------
+
+
+def claim_at_once(
+    store: Store, rules: ScreenRules, limit: int, now: datetime | None = None, claimers: int = 8
+) -> list[int]:
+    """`claimers` threads each make one screened claim at the same moment; how many jobs
+    each may send."""
+    barrier = threading.Barrier(claimers)
+    sendable: list[int] = []
+
+    def claimer(n: int) -> None:
+        barrier.wait()
+        claim = store.claim_screened(f"c{n}", limit, LEASE, rules, now=now)
+        sendable.append(len(claim.jobs))
+
+    threads = [threading.Thread(target=claimer, args=(n,)) for n in range(claimers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(DEADLINE)
+    return sendable
 
 
 def _feature_env() -> dict[str, str]:
