@@ -13,6 +13,7 @@ import json
 import signal
 import threading
 import time
+import urllib.request
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
@@ -365,6 +366,10 @@ def test_stats_and_metrics_show_duplicates_and_deferrals(
 
     samples = daemon.wait_for(settled, "3 sent, a duplicate and a deferral counted")
     assert samples['mailqd_email_attempts_total{outcome="sent"}'] == 3  # nothing else tried
+    with urllib.request.urlopen(sidecar + "/stats", timeout=10) as response:
+        performance = json.loads(response.read())["data"]["performance"]
+    assert (performance["deduplicated_1h"], performance["deferred_by_recipient_cap_1h"]) == (1, 1)
+    assert performance["recent_attempts_1h"] == 3
     assert samples["mailqd_email_failed_total"] == 0
     daemon.send(signal.SIGTERM)
     assert daemon.wait_exit(timeout=40) == 0, daemon.log_tail()

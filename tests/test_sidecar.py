@@ -309,7 +309,12 @@ def test_stats_has_the_seed_shape_and_matches_the_database(
         "queue_depth": 1,
     }
     # Jobs that ended in the last hour: 4 sent, 1 failed; attempts: 6.
-    assert data["performance"] == {"failure_rate_1h_percent": 20.0, "recent_attempts_1h": 6}
+    assert data["performance"] == {
+        "failure_rate_1h_percent": 20.0,
+        "recent_attempts_1h": 6,
+        "deduplicated_1h": 0,
+        "deferred_by_recipient_cap_1h": 0,
+    }
     service = data["service"]
     assert service["name"] == "mailqd"
     assert service["status"] == "running", (service, daemon.log_tail())

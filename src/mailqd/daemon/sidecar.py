@@ -263,6 +263,8 @@ class Sidecar:
             "performance": {
                 "failure_rate_1h_percent": round(rate * 100, 2) if rate is not None else 0.0,
                 "recent_attempts_1h": stats.last_1h.attempts,
+                "deduplicated_1h": stats.last_1h.deduplicated,
+                "deferred_by_recipient_cap_1h": stats.last_1h.cap_deferred,
             },
             "as_of": stats.at.isoformat(),
         }
