@@ -155,33 +155,45 @@ def test_settings_repr_shows_no_secret(tmp_path: Path) -> None:
     )
 
 
-def test_logs_hide_a_secret_whoever_puts_it_in_a_line() -> None:
+ESCAPED_PASSWORD = 'Pw"quo\\te-Straße!never'
+"""A password both renderers escape: a quote, a backslash, a non-ASCII letter."""
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+@pytest.mark.parametrize("password", [PASSWORD, ESCAPED_PASSWORD], ids=["plain", "escaped"])
+def test_logs_hide_a_secret_whoever_puts_it_in_a_line(password: str, log_format: str) -> None:
+    """Also a password that the JSON or console renderer escapes (quote, backslash, ß)."""
     pipe = io.StringIO()
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
     settings = Settings(
         database_url=f"postgresql://app:{DB_PASSWORD}@db/mail",
         smtp_url="smtp://mailer@mail.example.com",
-        smtp_password=PASSWORD,
-        log_format="json",
+        smtp_password=password,
+        log_format=log_format,
     )
     try:
         configure_logging(settings, stream=pipe)
-        structlog.get_logger().error("careless", detail=f"login {PASSWORD} to db {DB_PASSWORD}")
+        structlog.get_logger().error("careless", detail=f"login {password} to db {DB_PASSWORD}")
         logging.getLogger("sqlalchemy.pool").error("connect with %s failed", DB_PASSWORD)
         try:
-            raise RuntimeError(f"driver says {PASSWORD}")
+            raise RuntimeError(f"driver says {password}")
         except RuntimeError:
             structlog.get_logger().exception("crashed")
     finally:
         structlog.reset_defaults()
         root.handlers[:], root.level = saved
     text = pipe.getvalue()
-    assert PASSWORD not in text and DB_PASSWORD not in text
-    records = [json.loads(line) for line in text.splitlines()]
-    assert records[0]["detail"] == "login *** to db ***"
-    assert records[1]["event"] == "connect with *** failed"
-    assert "driver says ***" in records[2]["exception"]
+    for secret in (password, DB_PASSWORD):
+        for printed in (secret, json.dumps(secret)[1:-1], repr(secret)[1:-1]):
+            assert printed not in text
+    if log_format == "json":
+        records = [json.loads(line) for line in text.splitlines()]
+        assert records[0]["detail"] == "login *** to db ***"
+        assert records[1]["event"] == "connect with *** failed"
+        assert "driver says ***" in records[2]["exception"]
+    else:
+        assert "login *** to db ***" in text and "driver says ***" in text
 
 
 # -- the real programs, grepped -------------------------------------------------------------

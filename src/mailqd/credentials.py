@@ -23,6 +23,7 @@ This module is imported by `mailqd.config`, so it imports nothing heavy.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -189,9 +190,25 @@ def secrets_of(settings: Settings, env: Mapping[str, str] | None = None) -> tupl
         resolved = settings.smtp_password or None
     if resolved:
         values.add(resolved)
+    printed = {form for value in values for form in _printed_forms(value)}
     # Longest first, so that a secret containing another is replaced whole.
-    kept = (v for v in values if len(v) >= _MIN_SCRUBBED_LENGTH)
+    kept = (v for v in printed if len(v) >= _MIN_SCRUBBED_LENGTH)
     return tuple(sorted(kept, key=len, reverse=True))
+
+
+def _printed_forms(secret: str) -> set[str]:
+    """The secret as written, and as a JSON or a console log line escapes it.
+
+    A password with a quote, a backslash or a non-ASCII letter is written
+    `\\"`, `\\\\` or `\\u00df` inside a JSON string and escaped again by
+    `repr` on the console, so the plain form alone would not be found there.
+    """
+    return {
+        secret,
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        repr(secret)[1:-1],
+    }
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
