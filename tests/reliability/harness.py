@@ -81,6 +81,14 @@ def migrated_database(server: PostgresServer, prefix: str = "mailqd_rel") -> str
     return url
 
 
+def hold(seconds: float, daemon: DaemonProcess) -> None:
+    """Keep a fault in place for `seconds`, failing at once should the daemon exit meanwhile."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        assert daemon.returncode is None, f"mailqd exited during the fault\n{daemon.log_tail()}"
+        time.sleep(min(0.5, left))
+
+
 def wait_until(
     condition: Callable[[], T | None],
     what: str,

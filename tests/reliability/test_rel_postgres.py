@@ -11,23 +11,13 @@ again (same Message-ID).
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from harness import MakeScenario, Scenario
+from harness import MakeScenario, Scenario, hold
 
 from daemon_process import DaemonProcess
 from pg import PostgresServer
 
 OUTAGE_SECONDS = 30.0
-
-
-def hold(seconds: float, daemon: DaemonProcess) -> None:
-    """Keep a fault in place for `seconds`, failing at once should the daemon exit meanwhile."""
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        assert daemon.returncode is None, f"mailqd exited during the outage\n{daemon.log_tail()}"
-        time.sleep(min(0.5, left))
 
 
 def busy_daemon(scenario: Scenario, messages: int) -> tuple[DaemonProcess, set[int]]:

@@ -15,24 +15,14 @@ attempt that reached the server's verdict.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import sqlalchemy as sa
-from harness import MakeScenario, Scenario, wait_until
+from harness import MakeScenario, Scenario, hold, wait_until
 
-from daemon_process import DaemonProcess
 from mailqd.models import Outcome
 
 SLOW_TIMEOUT = "2"
 """`smtp_timeout` (seconds) for the slow and hanging server: faults show in seconds."""
-
-
-def hold(seconds: float, daemon: DaemonProcess) -> None:
-    deadline = time.monotonic() + seconds
-    while (left := deadline - time.monotonic()) > 0:
-        assert daemon.returncode is None, f"mailqd exited during the fault\n{daemon.log_tail()}"
-        time.sleep(min(0.5, left))
 
 
 def attempts_by_outcome(scenario: Scenario) -> dict[str, int]:
