@@ -447,13 +447,17 @@ def test_graceful_stop_lets_a_send_in_flight_finish(
     async def scenario() -> None:
         factory = gated(smtp_factory(settings), gate)
         stop = asyncio.Event()
-        worker = Worker(settings, store, "w1", factory)
-        task = asyncio.create_task(worker.run(stop))
-        await factory.waiting.wait()
-        stop.set()
-        await asyncio.sleep(0.1)
-        gate.set()
-        await asyncio.wait_for(task, DEADLINE)
+        with structlog.testing.capture_logs() as events:
+            worker = Worker(settings, store, "w1", factory)
+            task = asyncio.create_task(worker.run(stop))
+            await factory.waiting.wait()
+            stop.set()
+            # The send is released only once the worker is stopping with it in flight.
+            await eventually(
+                lambda: any(e["event"] == "waiting for sends in flight" for e in events)
+            )
+            gate.set()
+            await asyncio.wait_for(task, DEADLINE)
         assert worker.totals.sent == 1
 
     run(scenario)
