@@ -356,17 +356,7 @@ class Store:
         if self.dialect == "postgresql":
             return self._complete_in_one_statement(completions, now)
         stmt = _COMPLETE_AT_DB_TIME if now is None else _complete_statement(_now(now))
-        params = [
-            {
-                "b_id": c.job_id,
-                "b_owner": c.owner,
-                "b_status": _NEXT_STATUS[c.outcome].value,
-                "b_error": None if c.outcome is Outcome.SENT else _storable_text(c.error),
-                "b_delay": c.retry_in_seconds,
-                "b_mid": c.message_id,
-            }
-            for c in completions
-        ]
+        params = [{f"b_{k}": v for k, v in _job_outcome(c).items()} for c in completions]
         with self._begin() as conn:
             changed = conn.execute(stmt, params).rowcount
             conn.execute(a.insert(), [_attempt_values(c) for c in completions])
@@ -385,18 +375,13 @@ class Store:
         """
         batch = [
             {
-                "id": c.job_id,
-                "owner": c.owner,
-                "status": _NEXT_STATUS[c.outcome].value,
-                "error": None if c.outcome is Outcome.SENT else _storable_text(c.error),
-                "delay": c.retry_in_seconds,
-                "mid": c.message_id,
+                **_job_outcome(c),
                 "attempt": c.attempt,
                 "started": c.started_at.isoformat(),
                 "duration": c.duration_seconds,
                 "outcome": c.outcome.value,
                 "code": c.smtp_code,
-                "text": _storable_text(c.smtp_text if c.smtp_text is not None else c.error),
+                "text": _attempt_text(c),
             }
             for c in completions
         ]
@@ -802,6 +787,24 @@ def _storable_text(text: str | None) -> str | None:
     return text.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
 
 
+def _job_outcome(c: Completion) -> dict[str, Any]:
+    """What a completion changes on its job: the parameters of both forms of `complete`
+    (`_COMPLETE_PG`'s JSON fields; `_complete_statement`'s, prefixed `b_`)."""
+    return {
+        "id": c.job_id,
+        "owner": c.owner,
+        "status": _NEXT_STATUS[c.outcome].value,
+        "error": None if c.outcome is Outcome.SENT else _storable_text(c.error),
+        "delay": c.retry_in_seconds,
+        "mid": c.message_id,
+    }
+
+
+def _attempt_text(c: Completion) -> str | None:
+    """The attempt row's text: the server's reply, else the error."""
+    return _storable_text(c.smtp_text if c.smtp_text is not None else c.error)
+
+
 def _attempt_values(c: Completion) -> dict[str, Any]:
     return {
         "job_id": c.job_id,
@@ -810,7 +813,7 @@ def _attempt_values(c: Completion) -> dict[str, Any]:
         "duration_seconds": c.duration_seconds,
         "outcome": c.outcome,
         "smtp_code": c.smtp_code,
-        "smtp_text": _storable_text(c.smtp_text if c.smtp_text is not None else c.error),
+        "smtp_text": _attempt_text(c),
         "worker": c.owner,
     }
 
