@@ -56,7 +56,7 @@ from typing import Any
 
 import psycopg
 
-from benchdb import bench_database
+from benchdb import add_database_url_option, bench_database
 from mailqd import Client
 from mailqd.store import Store, upgrade
 from rawsmtp import raw_smtp_rate
@@ -871,11 +871,7 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument(
-        "--database-url",
-        help="an empty PostgreSQL database the bench may fill and empty "
-        "(default: a throwaway database, dropped at the end)",
-    )
+    add_database_url_option(parser)
     parser.add_argument("--messages", type=int, help="messages per throughput run (20,000)")
     parser.add_argument("--latency-samples", type=int, help="latency samples (500)")
     parser.add_argument("--workers", type=int, default=3, help="worker processes (3)")

@@ -41,7 +41,7 @@ import psycopg
 import psycopg.sql
 import sqlalchemy as sa
 
-from benchdb import bench_database
+from benchdb import add_database_url_option, bench_database
 from mailqd import Client
 from mailqd.models import Job, Outcome
 from mailqd.store import Completion, Store, upgrade
@@ -756,11 +756,7 @@ def run(store: Store, client: Client, sizes: Sizes) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument(
-        "--database-url",
-        help="an empty PostgreSQL database the bench may fill and empty "
-        "(default: a throwaway database, dropped at the end)",
-    )
+    add_database_url_option(parser)
     parser.add_argument("--quick", action="store_true", help="small sizes, a ~30 s smoke run")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL

@@ -7,6 +7,7 @@ finds or starts a PostgreSQL the same way the test suite does.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from collections.abc import Iterator
@@ -38,3 +39,12 @@ def bench_database(url: str | None) -> Iterator[str]:
             yield created
         finally:
             pg.drop_database(server.admin_url, name)
+
+
+def add_database_url_option(parser: argparse.ArgumentParser) -> None:
+    """`--database-url`, the database `bench_database` is given (else a throwaway one)."""
+    parser.add_argument(
+        "--database-url",
+        help="an empty PostgreSQL database the bench may fill and empty "
+        "(default: a throwaway database, dropped at the end)",
+    )
