@@ -15,14 +15,17 @@ import threading
 import time
 import urllib.request
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import sqlalchemy as sa
 
 from ctl_process import invoke, ok_json
 from daemon_process import DaemonPool
 from mailqd import Client
-from mailqd.daemon.worker import BatchResult, Worker
+from mailqd.config import Settings
+from mailqd.daemon.worker import BatchResult, Worker, screen_rules
 from mailqd.models import Outcome, Status
+from mailqd.secrets import generate_key_file, load_secret_box
 from mailqd.store import Completion, Store, upgrade
 from mailqd.store.engine import make_engine
 from mailqd.store.screening import ScreenRules, content_hash
@@ -189,6 +192,24 @@ def test_two_workers_racing_on_duplicates_deliver_exactly_one(
     assert len(smtp_server.messages) == 1
     statuses = by_status(store, ids)
     assert len(statuses[Status.SENT]) == 1 and len(statuses[Status.CANCELLED]) == 11
+
+
+def test_sealed_variables_are_compared_by_what_they_say(
+    store: Store, db_url: str, tmp_path: Path
+) -> None:
+    """Encrypted variables differ at every enqueue; duplicates must still be found."""
+    key = tmp_path / "secrets.key"
+    generate_key_file(key)
+    message = {**SAME, "body": None, "template_id": "code", "variables": {"code": "123456"}}
+    with Client(db_url, secrets_key_file=str(key)) as client:
+        first, second = (client.enqueue(**message) for _ in range(2))
+    assert store.get(first).variables != store.get(second).variables  # sealed apart
+    settings = Settings(dedup_window=600, secrets_key_file=str(key))
+    rules = screen_rules(settings, load_secret_box(settings.secrets_key_file))
+    assert rules is not None
+    claim = store.claim_screened("w1", 10, LEASE, rules)
+    assert [j.id for j in claim.jobs] == [first]
+    assert [(s.job.id, s.outcome) for s in claim.screened] == [(second, Outcome.DUPLICATE)]
 
 
 def test_concurrent_claims_of_duplicates_let_exactly_one_through(store: Store) -> None:

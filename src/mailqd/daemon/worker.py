@@ -41,7 +41,7 @@ from mailqd.errors import DatabaseUnavailableError, StoreError
 from mailqd.logging import mask_addresses_in
 from mailqd.metrics import WorkerMetrics
 from mailqd.models import Job, Outcome
-from mailqd.secrets import load_secret_box, unseal_variables
+from mailqd.secrets import SecretBox, load_secret_box, unseal_variables
 from mailqd.store import Completion, Store, check_schema
 from mailqd.store.notify import JobListener, supports_listen
 from mailqd.store.screening import Screened, ScreenedClaim, ScreenRules
@@ -199,11 +199,9 @@ class Worker:
         self._listen = supports_listen(self._database_url()) if listen is None else listen
         self._log = structlog.get_logger().bind(worker=owner)
         self._outage = DatabaseOutage()
+        secrets = load_secret_box(settings.secrets_key_file)
         self._deliverer = Deliverer(
-            settings,
-            owner,
-            templates=TemplateCache(store),
-            secrets=load_secret_box(settings.secrets_key_file),
+            settings, owner, templates=TemplateCache(store), secrets=secrets
         )
         self._metrics = metrics
         self._limiter = RateLimiter(
@@ -217,7 +215,7 @@ class Worker:
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._listener: JobListener | None = None
-        self._screen_rules = screen_rules(settings)
+        self._screen_rules = screen_rules(settings, secrets)
 
     async def __aenter__(self) -> Worker:
         return self
@@ -592,8 +590,12 @@ async def _cancel(tasks: Sequence[asyncio.Future[Any]]) -> None:
         )
 
 
-def screen_rules(settings: Settings) -> ScreenRules | None:
-    """The claim-time screening the settings ask for; None when every rule is off."""
+def screen_rules(settings: Settings, secrets: SecretBox | None = None) -> ScreenRules | None:
+    """The claim-time screening the settings ask for; None when every rule is off.
+
+    `secrets` opens sealed template variables for the content hash (the
+    box of `secrets_key_file`, loaded by the caller).
+    """
     rules = ScreenRules(
         dedup_window=settings.dedup_window,
         recipient_hourly_cap=settings.recipient_hourly_cap,
@@ -601,13 +603,10 @@ def screen_rules(settings: Settings) -> ScreenRules | None:
     )
     if not rules.active:
         return None
-    if settings.dedup_window <= 0:
+    if settings.dedup_window <= 0 or secrets is None:
         return rules
     # Sealed variables differ at every enqueue: the hash is over what they say.
-    box = load_secret_box(settings.secrets_key_file)
-    if box is None:
-        return rules
-    return dataclasses.replace(rules, open_variables=partial(unseal_variables, box=box))
+    return dataclasses.replace(rules, open_variables=partial(unseal_variables, box=secrets))
 
 
 def _name(task: asyncio.Future[Any]) -> str:
