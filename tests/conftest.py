@@ -6,11 +6,13 @@ one on 127.0.0.1:5432, or starts a throwaway cluster (see ``tests/pg.py``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import structlog
 
 from daemon_process import DaemonPool
 from mailqd.store import Store, upgrade
@@ -54,6 +56,21 @@ def run_order(item: pytest.Item) -> tuple[float, int]:
     if item.get_closest_marker("reliability") is not None:
         return (0.0, 1)
     return (0.0, 2 if item.get_closest_marker("slow") is not None else 3)
+
+
+@pytest.fixture(autouse=True)
+def isolated_logging() -> Iterator[None]:
+    """Undo whatever logging set-up a test did (a CLI command run in-process, say).
+
+    `configure_logging` sets structlog's level filter process-wide; left at
+    "warning" by one test, it would silence the info events that a later
+    test in the same worker captures with `structlog.testing.capture_logs`.
+    """
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    yield
+    structlog.reset_defaults()
+    root.handlers[:], root.level = saved
 
 
 @pytest.fixture(scope="session")

@@ -100,18 +100,12 @@ class _Terminal(io.StringIO):
 
 def test_logs_are_readable_lines_on_a_terminal_and_json_elsewhere() -> None:
     terminal, pipe = _Terminal(), io.StringIO()
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    try:
-        configure_logging(Settings(log_format="auto"), stream=terminal)
-        structlog.get_logger().info("delivery attempt", job_id="j1", outcome="sent")
-        configure_logging(Settings(log_format="auto"), stream=pipe)
-        structlog.get_logger().info("delivery attempt", job_id="j1", outcome="sent")
-        configure_logging(Settings(log_format="json"), stream=terminal)
-        structlog.get_logger().info("forced json")
-    finally:
-        structlog.reset_defaults()
-        root.handlers[:], root.level = saved
+    configure_logging(Settings(log_format="auto"), stream=terminal)
+    structlog.get_logger().info("delivery attempt", job_id="j1", outcome="sent")
+    configure_logging(Settings(log_format="auto"), stream=pipe)
+    structlog.get_logger().info("delivery attempt", job_id="j1", outcome="sent")
+    configure_logging(Settings(log_format="json"), stream=terminal)
+    structlog.get_logger().info("forced json")
 
     console_line, json_line = terminal.getvalue().splitlines()
     assert "delivery attempt" in console_line and "job_id" in console_line
@@ -124,15 +118,9 @@ def test_logs_are_readable_lines_on_a_terminal_and_json_elsewhere() -> None:
 
 def test_library_warnings_are_json_lines_too_with_addresses_masked() -> None:
     pipe = io.StringIO()
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    try:
-        configure_logging(Settings(log_format="auto"), stream=pipe)
-        logging.getLogger("aiosmtplib").warning("server said: 550 <bob.hidden@example.com> unknown")
-        logging.getLogger("sqlalchemy.pool").info("below the threshold: not shown")
-    finally:
-        structlog.reset_defaults()
-        root.handlers[:], root.level = saved
+    configure_logging(Settings(log_format="auto"), stream=pipe)
+    logging.getLogger("aiosmtplib").warning("server said: 550 <bob.hidden@example.com> unknown")
+    logging.getLogger("sqlalchemy.pool").info("below the threshold: not shown")
     [record] = [json.loads(line) for line in pipe.getvalue().splitlines()]
     assert record["event"] == "server said: 550 <b***@example.com> unknown"
     assert (record["level"], record["logger"]) == ("warning", "aiosmtplib")

@@ -164,25 +164,19 @@ ESCAPED_PASSWORD = 'Pw"quo\\te-Straße!never'
 def test_logs_hide_a_secret_whoever_puts_it_in_a_line(password: str, log_format: str) -> None:
     """Also a password that the JSON or console renderer escapes (quote, backslash, ß)."""
     pipe = io.StringIO()
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
     settings = Settings(
         database_url=f"postgresql://app:{DB_PASSWORD}@db/mail",
         smtp_url="smtp://mailer@mail.example.com",
         smtp_password=password,
         log_format=log_format,
     )
+    configure_logging(settings, stream=pipe)
+    structlog.get_logger().error("careless", detail=f"login {password} to db {DB_PASSWORD}")
+    logging.getLogger("sqlalchemy.pool").error("connect with %s failed", DB_PASSWORD)
     try:
-        configure_logging(settings, stream=pipe)
-        structlog.get_logger().error("careless", detail=f"login {password} to db {DB_PASSWORD}")
-        logging.getLogger("sqlalchemy.pool").error("connect with %s failed", DB_PASSWORD)
-        try:
-            raise RuntimeError(f"driver says {password}")
-        except RuntimeError:
-            structlog.get_logger().exception("crashed")
-    finally:
-        structlog.reset_defaults()
-        root.handlers[:], root.level = saved
+        raise RuntimeError(f"driver says {password}")
+    except RuntimeError:
+        structlog.get_logger().exception("crashed")
     text = pipe.getvalue()
     for secret in (password, DB_PASSWORD):
         for printed in (secret, json.dumps(secret)[1:-1], repr(secret)[1:-1]):

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import io
 import json
-import logging
 import os
 import random
 import signal
@@ -159,19 +158,13 @@ def test_attempt_log_is_json_with_masked_addresses_and_no_content(
     settings = make_settings(db_url, smtp_server.url(), log_format="auto")
     [job_id] = enqueue(store, to="alice@example.com", subject="secret subject", body="secret")
     stream = io.StringIO()  # not a TTY: JSON lines
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    configure_logging(settings, stream=stream)
-    try:
+    configure_logging(settings, stream=stream)  # undone by the isolated_logging fixture
 
-        async def scenario() -> None:
-            async with Worker(settings, store, "w1", smtp_factory(settings)) as worker:
-                assert (await worker.run_once()).sent == 1
+    async def scenario() -> None:
+        async with Worker(settings, store, "w1", smtp_factory(settings)) as worker:
+            assert (await worker.run_once()).sent == 1
 
-        run(scenario)
-    finally:
-        structlog.reset_defaults()
-        root.handlers[:], root.level = saved
+    run(scenario)
     events = [json.loads(line) for line in stream.getvalue().splitlines()]
     [attempt] = [e for e in events if e["event"] == "delivery attempt"]
     assert attempt["job_id"] == job_id
@@ -500,16 +493,12 @@ def test_run_worker_in_a_forked_process_beats_ignores_sigint_and_stops_on_sigter
 def test_run_worker_refuses_to_start_with_a_bad_smtp_url(sqlite_url: str) -> None:
     settings = make_settings(sqlite_url, "smtp://")
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGHUP)}
-    root = logging.getLogger()
-    saved_logging = (root.handlers[:], root.level)
     try:
         with pytest.raises(ConfigError, match="smtp_url"):
             run_worker(settings, WorkerIdentity(index=0, owner="w0"), Heartbeat())
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
-        structlog.reset_defaults()
-        root.handlers[:], root.level = saved_logging
 
 
 # -- database outages -------------------------------------------------------------
