@@ -36,6 +36,7 @@ from mailqd.store import screening
 from mailqd.store.engine import make_engine
 from mailqd.store.enqueue import PsycopgWriter, SqlAlchemyWriter, write_jobs
 from mailqd.store.schema import (
+    LEASED,
     NOTIFY_CHANNEL,
     add_seconds,
     email_attempts,
@@ -109,6 +110,20 @@ def _status_in(*statuses: Status) -> sa.ColumnElement[bool]:
     return q.c.status.in_([sa.literal_column(f"'{s.value}'") for s in statuses])
 
 
+def _held() -> sa.ColumnElement[bool]:
+    """Jobs a worker holds: `sending`, with a lease (the claim sets both).
+
+    Saying "with a lease" lets the planner read them through
+    `ix_email_queue_lease` (see its comment in `mailqd.store.schema`).
+    """
+    return _status_is(Status.SENDING) & LEASED
+
+
+def _having(status: Status) -> sa.ColumnElement[bool]:
+    """The jobs in `status`, as a condition that the index holding them answers."""
+    return _held() if status is Status.SENDING else _status_is(status)
+
+
 def _counts_by_status() -> sa.CompoundSelect[Any]:
     """(status, jobs) rows, each status counted through the partial index that holds it.
 
@@ -120,7 +135,7 @@ def _counts_by_status() -> sa.CompoundSelect[Any]:
 
     def one(status: Status) -> sa.Select[str, int]:
         label = sa.literal_column(f"'{status.value}'", sa.String).label("status")
-        return sa.select(label, sa.func.count()).where(_status_is(status))
+        return sa.select(label, sa.func.count()).where(_having(status))
 
     finished = (
         sa.select(q.c.status, sa.func.count())
@@ -435,7 +450,7 @@ class Store:
         it runs out of attempts instead of looping forever.
         """
         at = _now(now)
-        cond = _status_is(Status.SENDING)
+        cond = _held()
         cond &= (q.c.lease_owner == owner) if owner is not None else (q.c.lease_expires_at < at)
         victims = (
             sa.select(q.c.id)
@@ -745,7 +760,7 @@ class Store:
         at = _now(now)
 
         def count(status: Status) -> sa.ScalarSelect[Any]:
-            return sa.select(sa.func.count()).where(_status_is(status)).scalar_subquery()
+            return sa.select(sa.func.count()).where(_having(status)).scalar_subquery()
 
         oldest_due = (
             sa.select(seconds_between(at, sa.func.min(q.c.next_attempt_at)))
