@@ -47,6 +47,7 @@ STATS_KEYS = {
     "retries_due_soon_seconds",
     "last_5m",
     "last_1h",
+    "rate_limits",
 }
 DRAIN_KEYS = {
     "rescued",

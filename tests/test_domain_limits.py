@@ -8,6 +8,7 @@ does not burn CPU while it waits.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from ctl_process import invoke
 from daemon_process import DaemonPool
 from mailqd.config import Settings, load_settings, parse_domain_rates
 from mailqd.daemon.worker import Worker, screen_rules
@@ -276,3 +278,41 @@ def test_a_daemon_counts_throttled_jobs_by_domain_on_metrics(
     assert samples['mailqd_email_attempts_total{outcome="sent"}'] == 8  # nothing else tried
     assert daemon.events("worker started", domain_rate_limits={"slow.example": 2.0})
     assert daemon.events("throttled by domain rate limits")
+
+
+def test_stats_show_the_limits_and_how_many_jobs_wait_for_a_domains_slots(
+    store: Store, db_url: str
+) -> None:
+    """An operator asking "why is mail to this domain slow?" sees its limit at work."""
+    enqueue(store, 20, to="someone@slow.example")
+    claim = store.claim_screened("w1", 50, LEASE, rules(slow_example=5))  # the database's clock
+    assert len(claim.screened) == 15  # they wait for slots 0.2 s apart: 3 s of them
+    limits = {"MAILQD_DOMAIN_RATE_LIMITS": "slow.example=5, *.idle.example=1"}
+    limits["MAILQD_RATE_LIMIT"] = "100"
+
+    document = json.loads(invoke("stats", "--json", db=db_url, env=limits).stdout)["rate_limits"]
+    assert document["per_second"] == 100
+    slow = document["domains"]["slow.example"]
+    assert slow["per_second"] == 5
+    # The last slot ends 3.2 s after the claim (the next token is 0.2 s off).
+    assert 2.0 < slow["booked_ahead_seconds"] <= 3.25
+    assert 10 <= slow["waiting_about"] <= 16
+    assert document["domains"]["*.idle.example"] == {
+        "per_second": 1,
+        "booked_ahead_seconds": 0,
+        "waiting_about": 0,
+    }
+
+    text = invoke("stats", db=db_url, env=limits).stdout
+    [row] = [line.split() for line in text.splitlines() if line.startswith("slow.example")]
+    assert row[:2] == ["slow.example", "5"] and row[2].endswith("s") and row[3].startswith("~")
+    assert "all mail" in text
+    top = invoke("top", "--once", db=db_url, env=limits).stdout
+    assert "domains throttled" in top and "slow.example (~" in top
+
+    # Another daemon's configuration limits it; this one's says nothing about it.
+    unconfigured = json.loads(invoke("stats", "--json", db=db_url).stdout)["rate_limits"]
+    assert unconfigured["per_second"] is None
+    assert unconfigured["domains"]["slow.example"]["per_second"] is None
+    assert unconfigured["domains"]["slow.example"]["waiting_about"] is None
+    assert unconfigured["domains"]["slow.example"]["booked_ahead_seconds"] > 0

@@ -10,6 +10,7 @@ troubleshooting a message needs the message.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,7 +28,10 @@ from mailqd.cli.output import (
     table,
     truncate,
 )
+from mailqd.config import Settings
 from mailqd.models import Attempt, Job, QueueStats, Status, WindowStats
+from mailqd.store import Store
+from mailqd.store.ratelimit import RateLimits
 
 SUBJECT_WIDTH = 40
 ERROR_WIDTH = 120
@@ -47,6 +51,9 @@ def stats(state: Context, out: Output) -> None:
     it; the failure rate is failed / (sent + failed); attempts include
     retries. With `dedup_window` or `recipient_hourly_cap` set (or when
     they acted in the last hour), it also says how many jobs they held back.
+    With rate limits set, it lists them; a domain whose limit holds jobs
+    back shows how far ahead its sending slots are taken, and about how
+    many jobs wait for them.
 
     \b
     Example:
@@ -56,10 +63,78 @@ def stats(state: Context, out: Output) -> None:
     snapshot = state.store.queue_stats()
     settings = state.settings
     screening = settings.dedup_window > 0 or settings.recipient_hourly_cap > 0
-    out.emit(stats_document(snapshot), lambda: render_stats(snapshot, screening=screening))
+    limits = RateLimitView.read(settings, state.store)
+    out.emit(
+        stats_document(snapshot, limits),
+        lambda: render_stats(snapshot, screening=screening, limits=limits),
+    )
 
 
-def stats_document(snapshot: QueueStats) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class RateLimitView:
+    """The configured rate limits, and how far ahead each domain's slots are taken."""
+
+    per_second: float | None
+    domain_rates: dict[str, float]
+    booked_ahead: dict[str, float]
+
+    @classmethod
+    def read(cls, settings: Settings, store: Store) -> RateLimitView:
+        return cls(
+            per_second=settings.rate_limit or None,
+            domain_rates=settings.domain_rates,
+            booked_ahead=RateLimits(store).domains_booked_ahead(),
+        )
+
+    def waiting(self) -> list[tuple[str, int | None]]:
+        """(domain, jobs waiting about) for the domains whose limit holds jobs back now."""
+        return [(domain, n) for domain, _rate, ahead, n in self.domains() if ahead > 0]
+
+    def domains(self) -> list[tuple[str, float | None, float, int | None]]:
+        """(domain, per second, seconds booked ahead, jobs waiting about) for each one known.
+
+        A domain with slots booked but no limit here is limited by another
+        daemon's configuration (or was, before a reload).
+        """
+        rows = []
+        for domain in sorted(self.domain_rates.keys() | self.booked_ahead.keys()):
+            rate = self.domain_rates.get(domain)
+            ahead = self.booked_ahead.get(domain, 0.0)
+            rows.append((domain, rate, ahead, None if rate is None else int(ahead * rate)))
+        return rows
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "per_second": self.per_second,
+            "domains": {
+                domain: {
+                    "per_second": rate,
+                    "booked_ahead_seconds": round(ahead, 3),
+                    "waiting_about": waiting,
+                }
+                for domain, rate, ahead, waiting in self.domains()
+            },
+        }
+
+    def render(self) -> RenderableType | None:
+        if self.per_second is None and not self.domain_rates and not self.booked_ahead:
+            return None
+        limits = table("rate limit", "per second", "slots taken ahead", "jobs waiting")
+        if self.per_second is not None:
+            limits.add_row("all mail", f"{self.per_second:g}", "-", "-")
+        for domain, rate, ahead, waiting in self.domains():
+            limits.add_row(
+                domain,
+                "?" if rate is None else f"{rate:g}",
+                f"{ahead:.1f}s" if ahead else "-",
+                "-" if not ahead else "?" if waiting is None else f"~{waiting}",
+            )
+        for column in limits.columns[1:]:
+            column.justify = "right"
+        return limits
+
+
+def stats_document(snapshot: QueueStats, limits: RateLimitView) -> dict[str, Any]:
     """The `stats --json` document (also one line of `top --json`)."""
     counts = snapshot.counts
     return {
@@ -73,6 +148,7 @@ def stats_document(snapshot: QueueStats) -> dict[str, Any]:
         "retries_due_soon_seconds": snapshot.soon_seconds,
         "last_5m": _window_document(snapshot.last_5m),
         "last_1h": _window_document(snapshot.last_1h),
+        "rate_limits": limits.document(),
     }
 
 
@@ -93,7 +169,9 @@ def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 3)
 
 
-def render_stats(snapshot: QueueStats, *, screening: bool = False) -> RenderableType:
+def render_stats(
+    snapshot: QueueStats, *, screening: bool = False, limits: RateLimitView | None = None
+) -> RenderableType:
     """The `stats` text; the duplicate and cap lines when `screening` is on or they acted."""
     counts = snapshot.counts
     by_status = table("status", "jobs", right=["jobs"])
@@ -132,6 +210,9 @@ def render_stats(snapshot: QueueStats, *, screening: bool = False) -> Renderable
             ]
         )
         parts += ["", held_back]
+    shown_limits = None if limits is None else limits.render()
+    if shown_limits is not None:
+        parts += ["", shown_limits]
     return Group(*parts)
 
 

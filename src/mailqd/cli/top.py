@@ -16,7 +16,7 @@ import click
 from rich.console import Group, RenderableType
 
 from mailqd.cli.context import Context, json_option, reports_errors
-from mailqd.cli.inspect import stats_document
+from mailqd.cli.inspect import RateLimitView, stats_document
 from mailqd.cli.output import (
     Output,
     format_duration,
@@ -25,6 +25,7 @@ from mailqd.cli.output import (
     key_value_table,
     table,
 )
+from mailqd.config import Settings
 from mailqd.errors import StoreError
 from mailqd.models import QueueStats, Status
 from mailqd.store import Store
@@ -33,7 +34,13 @@ from mailqd.store import Store
 @dataclass(frozen=True, slots=True)
 class _Sample:
     stats: QueueStats
+    limits: RateLimitView
     taken: float  # time.monotonic()
+
+    @classmethod
+    def take(cls, store: Store, settings: Settings) -> _Sample:
+        stats = store.queue_stats()
+        return cls(stats, RateLimitView.read(settings, store), time.monotonic())
 
 
 @click.command()
@@ -61,14 +68,14 @@ def top(state: Context, interval: float, once: bool, iterations: int | None, out
       $ mailqctl top
       $ mailqctl top --once
     """
-    store = state.store
-    first = _Sample(store.queue_stats(), time.monotonic())  # a dead database fails here
-    frames = _frames(store, first, interval, 1 if once else iterations)
+    store, settings = state.store, state.settings
+    first = _Sample.take(store, settings)  # a dead database fails here
+    frames = _frames(store, settings, first, interval, 1 if once else iterations)
     try:
         if out.as_json:
             for current, _previous, error in frames:
                 if error is None:
-                    out.emit_line(stats_document(current.stats))
+                    out.emit_line(stats_document(current.stats, current.limits))
         elif out.console.is_terminal and not once:
             from rich.live import Live
 
@@ -87,7 +94,9 @@ def top(state: Context, interval: float, once: bool, iterations: int | None, out
 _Frame = tuple[_Sample, _Sample | None, str | None]
 
 
-def _frames(store: Store, first: _Sample, interval: float, limit: int | None) -> Iterator[_Frame]:
+def _frames(
+    store: Store, settings: Settings, first: _Sample, interval: float, limit: int | None
+) -> Iterator[_Frame]:
     """(current, previous, error) every `interval`; on a database error, the last good sample."""
     previous, current, error = None, first, None
     yield current, previous, error
@@ -95,7 +104,7 @@ def _frames(store: Store, first: _Sample, interval: float, limit: int | None) ->
     while limit is None or shown < limit:
         time.sleep(interval)
         try:
-            sample = _Sample(store.queue_stats(), time.monotonic())
+            sample = _Sample.take(store, settings)
         except StoreError as exc:
             error = str(exc)
         else:
@@ -140,6 +149,12 @@ def render_frame(
         rates.add_row(
             "held back",
             f"{hour.deduplicated} duplicates, {hour.cap_deferred} deferred by recipient cap in 1 h",
+        )
+    throttled = current.limits.waiting()
+    if throttled:
+        rates.add_row(
+            "domains throttled",
+            ", ".join(f"{d} (~{n} waiting)" if n is not None else d for d, n in throttled),
         )
     by_status = table(*(status.value for status in Status), right=[s.value for s in Status])
     by_status.add_row(*(str(counts.by_status.get(status, 0)) for status in Status))

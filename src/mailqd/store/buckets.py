@@ -26,7 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from mailqd.store.schema import rate_limit
 
-__all__ = ["TokenGrant", "give_back", "reserve", "take", "tokens"]
+__all__ = ["TokenGrant", "booked_ahead", "give_back", "reserve", "take", "tokens"]
 
 r = rate_limit
 
@@ -129,6 +129,19 @@ def tokens(conn: sa.Connection, name: str) -> float | None:
     """The bucket's token count as of its last use (None if never used)."""
     value = conn.execute(sa.select(r.c.tokens).where(r.c.name == name)).scalar()
     return None if value is None else float(value)
+
+
+def booked_ahead(
+    conn: sa.Connection, dialect: str, prefix: str, now: float | None = None
+) -> dict[str, float]:
+    """Buckets named `prefix…` with slots handed out beyond `now`: name (prefix cut) → seconds.
+
+    Jobs that found such a bucket empty are pending, each due at its slot
+    (`reserve`); at `rate` per second, about `seconds * rate` of them wait.
+    """
+    ahead = r.c.reserved_until - _epoch(dialect, now)
+    stmt = sa.select(r.c.name, ahead).where(r.c.name.startswith(prefix, autoescape=True), ahead > 0)
+    return {name.removeprefix(prefix): float(seconds) for name, seconds in conn.execute(stmt)}
 
 
 # -- the few expressions that differ between the databases -------------------------

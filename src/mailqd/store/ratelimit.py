@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from mailqd.store import buckets
 from mailqd.store.buckets import TokenGrant
+from mailqd.store.screening import DOMAIN_BUCKET_PREFIX
 from mailqd.store.store import Store, translate_errors
 
 __all__ = ["GLOBAL_BUCKET", "RateLimits", "TokenGrant"]
@@ -43,6 +44,11 @@ class RateLimits:
             return
         with translate_errors(), self._store.engine.begin() as conn:
             buckets.give_back(conn, self._dialect, name, count, burst)
+
+    def domains_booked_ahead(self, now: float | None = None) -> dict[str, float]:
+        """Rate-limited domains whose jobs wait for slots: domain → seconds of slots handed out."""
+        with translate_errors(), self._store.engine.begin() as conn:
+            return buckets.booked_ahead(conn, self._dialect, DOMAIN_BUCKET_PREFIX, now)
 
     def tokens(self, name: str) -> float | None:
         """The bucket's token count as of its last use (None if never used); for tests and stats."""
