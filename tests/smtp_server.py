@@ -15,7 +15,8 @@ conditions with deadlines, never sleeps.
 
 Use the `smtp_server` fixture (import `smtp_server_fixture` into a test
 module, or register this module as a pytest plugin), or `SmtpServer` as a
-context manager for variants (STARTTLS, implicit TLS, AUTH, SMTPUTF8).
+context manager for variants (STARTTLS, implicit TLS, AUTH, SMTPUTF8,
+no PIPELINING).
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class SmtpServer:
         auth: tuple[str, str] | None = None,
         port: int = 0,
         smtputf8: bool = True,
+        pipelining: bool = True,
     ) -> None:
         self.host = "127.0.0.1"
         self.port = port  # 0: an ephemeral port; a fixed one lets a test "restart" a server
@@ -89,6 +91,7 @@ class SmtpServer:
         self.data_gate: threading.Event | None = None
         self.held = 0
         self._auth = auth
+        self.pipelining = pipelining  # whether EHLO offers PIPELINING (RFC 2920)
         self._servers: dict[SMTP, int] = {}  # each connection's aiosmtpd instance: its number
         self._changed = threading.Condition()
         smtp_options: dict[str, Any] = {"server_hostname": "mx.test", "ready_timeout": 10.0}
@@ -209,6 +212,19 @@ class _Handler:
 
     def __init__(self, owner: SmtpServer) -> None:
         self._owner = owner
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, lines: list[str]
+    ) -> list[str]:
+        """Offer PIPELINING, as Postfix and most servers do; aiosmtpd does not by itself.
+
+        It reads commands one after another from its stream, so pipelined
+        commands work; it writes each reply as it goes.
+        """
+        session.host_name = hostname
+        if self._owner.pipelining:
+            return [*lines[:-1], "250-PIPELINING", lines[-1]]
+        return lines
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]

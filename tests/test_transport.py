@@ -39,10 +39,18 @@ from smtp_server import (
     SmtpServer,
     make_self_signed_certificate,
     server_tls_context,
-    smtp_server_fixture,  # noqa: F401  (the smtp_server fixture)
 )
 
 T = TypeVar("T")
+
+
+@pytest.fixture(params=[True, False], ids=["pipelining", "one-by-one"])
+def smtp_server(request: pytest.FixtureRequest) -> Iterator[SmtpServer]:
+    """The scripted server, offering PIPELINING or not: every dialogue test runs both ways."""
+    with SmtpServer(pipelining=request.param) as server:
+        yield server
+
+
 PASSWORD = "s3cr3t-Pa55"
 TEST_DEADLINE = 30.0  # no scenario comes near this; it only stops a hang
 
@@ -571,3 +579,117 @@ def test_every_transport_satisfies_the_protocol(tmp_path: Path) -> None:
     ]
     for make in transports:
         assert isinstance(make(), Transport)
+
+
+# --- pipelining (RFC 2920) ----------------------------------------------------------------
+
+
+class _StrictPipeliningServer:
+    """A bare SMTP server on a socket that answers MAIL, RCPT and DATA only once all
+    three have arrived, all replies in one write: a client that waits for MAIL's reply
+    before sending RCPT waits forever, and one that reads a single reply per packet
+    loses the rest. Offers PIPELINING only when asked to.
+    """
+
+    def __init__(self, offer: bool) -> None:
+        self.offer = offer
+        self.batches: list[list[bytes]] = []  # the envelope commands answered together
+        self.contents: list[bytes] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 strict.test ESMTP\r\n")
+        pending: list[bytes] = []
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                offer = b"250-PIPELINING\r\n" if self.offer else b""
+                writer.write(b"250-strict.test\r\n" + offer + b"250 SIZE 1000000\r\n")
+            elif verb in (b"MAIL", b"RCPT"):
+                pending.append(line)
+                if not self.offer:
+                    writer.write(b"250 OK\r\n")
+            elif verb == b"DATA":
+                pending.append(line)
+                replies = b"250 OK\r\n" * (len(pending) - 1) if self.offer else b""
+                writer.write(replies + b"354 go ahead\r\n")
+                self.batches.append(pending)
+                self.contents.append(await reader.readuntil(b"\r\n.\r\n"))
+                writer.write(b"250 2.0.0 queued\r\n")
+                pending = []
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            await writer.drain()
+        writer.close()
+
+    def run(self, scenario: Callable[[str], Awaitable[T]]) -> T:
+        async def serve() -> T:
+            server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+            async with server:
+                return await scenario(f"smtp://127.0.0.1:{port}?starttls=off")
+
+        return run(serve())
+
+
+def test_mail_rcpt_and_data_go_out_together_and_replies_that_arrive_together_are_all_read() -> None:
+    server = _StrictPipeliningServer(offer=True)
+    outgoing = [message("a@example.com", "b@example.com"), message("c@example.com")]
+
+    async def scenario(url: str) -> list[SendResult]:
+        transport = smtp(url)
+        try:
+            return [await transport.send(each) for each in outgoing]
+        finally:
+            await transport.close()
+
+    results = server.run(scenario)
+
+    assert [(r.smtp_code, r.refused) for r in results] == [(250, {}), (250, {})]
+    assert [len(batch) for batch in server.batches] == [4, 3]  # MAIL, RCPT…, DATA at once
+    assert server.batches[0][1:] == [
+        b"RCPT TO:<a@example.com>\r\n",
+        b"RCPT TO:<b@example.com>\r\n",
+        b"DATA\r\n",
+    ]
+    assert all(content.endswith(b"Hello\r\n.\r\n") for content in server.contents)
+
+
+def test_without_pipelining_offered_each_command_waits_for_its_reply() -> None:
+    server = _StrictPipeliningServer(offer=False)
+
+    async def scenario(url: str) -> SendResult:
+        transport = smtp(url)
+        try:
+            return await transport.send(message())
+        finally:
+            await transport.close()
+
+    assert server.run(scenario).smtp_code == 250
+    assert [len(batch) for batch in server.batches] == [3]
+
+
+def test_pipelining_false_in_the_url_sends_one_command_at_a_time() -> None:
+    """For a server that offers PIPELINING and handles it badly.
+
+    The strict server withholds MAIL's reply until DATA arrives: a client
+    talking one command at a time waits for it, and times out.
+    """
+    assert parse_smtp_url("smtp://mx.test").pipelining is True
+    settings = parse_smtp_url("smtp://mx.test?pipelining=false")
+    assert settings.pipelining is False
+    assert settings.redacted_url() == "smtp://mx.test:25?pipelining=false"
+    server = _StrictPipeliningServer(offer=True)
+
+    async def scenario(url: str) -> DeliveryError:
+        transport = smtp(url + "&pipelining=false&timeout=0.5")
+        try:
+            with pytest.raises(TransientDeliveryError) as caught:
+                await transport.send(message())
+            return caught.value
+        finally:
+            await transport.close()
+
+    error = server.run(scenario)
+    assert "MAIL FROM failed: timed out" in str(error)
+    assert server.batches == []

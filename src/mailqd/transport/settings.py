@@ -38,6 +38,7 @@ class SmtpSettings:
     implicit_tls: bool = False
     starttls: StartTLS = StartTLS.OPPORTUNISTIC
     tls_verify: bool = True
+    pipelining: bool = True  # used when the server offers it (RFC 2920)
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     timeouts: Timeouts = field(default_factory=lambda: Timeouts(30.0, 30.0, 30.0))
@@ -58,5 +59,7 @@ class SmtpSettings:
             options.append(f"starttls={self.starttls.value}")
         if not self.tls_verify:
             options.append("tls_verify=false")
+        if not self.pipelining:
+            options.append("pipelining=false")
         query = "?" + "&".join(options) if options else ""
         return f"{scheme}://{userinfo}{host}:{self.port}{query}"

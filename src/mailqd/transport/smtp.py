@@ -18,7 +18,13 @@ network error is translated here into one of:
 To know which step failed, the transaction is driven step by step (MAIL,
 RCPT per recipient, DATA) rather than through `SMTP.sendmail`, and the
 message content is written by this module, right after the server's 354, so
-the point after which a failure is ambiguous is known exactly.
+the point after which a failure is ambiguous is known exactly. When the
+server offers PIPELINING (RFC 2920; `pipelining=false` in the URL turns it
+off), MAIL, the RCPTs and DATA go out in one write and their replies are
+read in order: two round trips a message instead of three or more, and
+half the system calls. aiosmtplib has no pipelining of its own, and its
+reply reader drops replies that arrive together; `_RepliesInOrder` is its
+reader with that fixed.
 
 One `SmtpTransport` holds one `aiosmtplib.SMTP` client and is meant for one
 delivery slot: it does not lock, so concurrent `send` calls on the same
@@ -35,8 +41,10 @@ import contextlib
 import enum
 import re
 import ssl
+from collections.abc import AsyncIterator
 
 import aiosmtplib
+import aiosmtplib.smtp
 from aiosmtplib import (
     SMTPException,
     SMTPHeloError,
@@ -47,6 +55,7 @@ from aiosmtplib import (
     SMTPServerDisconnected,
     SMTPTimeoutError,
 )
+from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
 
 from mailqd.compose import OutgoingMessage
 from mailqd.errors import (
@@ -65,6 +74,62 @@ SERVICE_CLOSING = 421  # RFC 5321: the server is shutting this connection down
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
 _UNSAFE_IN_MAILBOX = re.compile(r'[\s<>"\x00-\x1f\x7f]')
+
+
+class _RepliesInOrder(SMTPProtocol):
+    """aiosmtplib's protocol, keeping every reply until it is read (for pipelining).
+
+    The stock protocol parses one reply per chunk received and drops data
+    that arrives while no reply is awaited, so of several replies arriving
+    together (pipelined commands) all but the first are lost. This one
+    buffers everything and hands replies out in order: the waiter holds
+    the oldest parsed reply, the buffer the ones after it. A reply the
+    server sent unasked (a 421 before closing an idle connection) is thus
+    read by the next command, which is what it answers in effect.
+    """
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self._response_waiter
+        if waiter is None:
+            return
+        self._buffer.extend(data)
+        if waiter.done():
+            return
+        if len(self._buffer) > MAX_RESPONSE_LENGTH:
+            del self._buffer[:]
+            self._set_response_exception(waiter, SMTPResponseException(500, "Response too long"))
+            return
+        try:
+            reply = self._read_response_from_buffer()
+        except Exception as exc:
+            self._set_response_exception(waiter, exc)
+        else:
+            if reply is not None:
+                waiter.set_result(reply)
+
+    async def read_response(self, timeout: float | None = None) -> SMTPResponse:
+        waiter = self._response_waiter
+        if waiter is None or not waiter.done():
+            buffered = self._read_response_from_buffer()
+            if buffered is not None:
+                return buffered
+        return await super().read_response(timeout)
+
+
+def _use_replies_in_order() -> None:
+    """Make aiosmtplib's clients build `_RepliesInOrder` protocols (process-wide).
+
+    `aiosmtplib.SMTP` names its protocol class as a module global and has no
+    option for another; the worker process has no other aiosmtplib user.
+    Checked, so that an aiosmtplib that renames it fails at import.
+    """
+    current = aiosmtplib.smtp.SMTPProtocol  # type: ignore[attr-defined]
+    if not issubclass(_RepliesInOrder, current):
+        raise RuntimeError(f"aiosmtplib's SMTP protocol class is no longer {SMTPProtocol!r}")
+    aiosmtplib.smtp.SMTPProtocol = _RepliesInOrder  # type: ignore[attr-defined]
+
+
+_use_replies_in_order()
 
 
 class _Phase(enum.Enum):
@@ -137,11 +202,9 @@ class SmtpTransport:
                 await self._open()
             payload = _data_payload(message.data)
             self._phase = _Phase.MAIL
-            await self._mail(message.sender, self._mail_options(payload, message.smtputf8))
-            self._phase = _Phase.RCPT
-            refused = await self._send_recipients(message.recipients, message.smtputf8)
-            self._phase = _Phase.DATA
-            reply = await self._send_data(payload)
+            options = self._mail_options(payload, message.smtputf8)
+            refused = await self._envelope(message, options)
+            reply = await self._send_content(payload)
         except BaseException as exc:
             self._client.close()
             if isinstance(exc, Exception) and not isinstance(exc, DeliveryError):
@@ -203,71 +266,80 @@ class SmtpTransport:
             options.append("SMTPUTF8")
         return options
 
-    async def _mail(self, sender: str, options: list[str]) -> None:
-        """MAIL FROM, like `SMTP.mail` but without re-parsing the address.
-
-        The envelope addresses are bare addr-specs already checked by the
-        composer; `SMTP.mail` and `SMTP.rcpt` run each through
-        `email.utils.parseaddr`, which cost more CPU than the rest of the
-        command (measured ~30 us a message). They are still refused here if
-        they could break the command line.
-        """
-        smtputf8 = "SMTPUTF8" in options
-        command = [
-            b"FROM:<" + _mailbox(sender, smtputf8) + b">",
-            *(o.encode("ascii") for o in options),
-        ]
-        reply = await self._client.execute_command(
-            b"MAIL", *command, timeout=self._settings.timeouts.command
-        )
-        if reply.code != 250:
-            raise SMTPSenderRefused(reply.code, reply.message, sender)
-
-    async def _rcpt(self, recipient: str, smtputf8: bool) -> None:
-        """RCPT TO, like `SMTP.rcpt` (see `_mail`)."""
-        reply = await self._client.execute_command(
-            b"RCPT",
-            b"TO:<" + _mailbox(recipient, smtputf8) + b">",
-            timeout=self._settings.timeouts.command,
-        )
-        if reply.code not in (250, 251):
-            raise SMTPRecipientRefused(reply.code, reply.message, recipient)
-
-    async def _send_recipients(
-        self, recipients: tuple[str, ...], smtputf8: bool
+    async def _envelope(
+        self, message: OutgoingMessage, options: list[str]
     ) -> dict[str, tuple[int, str]]:
-        """RCPT each recipient; collect refusals, and raise only if all were refused."""
+        """MAIL, RCPT for each recipient, DATA; returns the refused recipients.
+
+        Raises if MAIL or DATA is refused, or every recipient is. Each reply
+        is checked before the next is read; pipelined, the commands after a
+        refusal were sent but their replies are never read (the connection
+        is dropped after any failure). Refusals of some recipients only are
+        returned, not raised: the message goes to the others.
+        """
+        recipients = message.recipients
+        replies = self._replies(
+            [
+                _mail_line(message.sender, options),
+                *(_rcpt_line(recipient, message.smtputf8) for recipient in recipients),
+                b"DATA\r\n",
+            ]
+        )
+        reply = await anext(replies)
+        if reply.code != 250:
+            raise SMTPSenderRefused(reply.code, reply.message, message.sender)
+        self._phase = _Phase.RCPT
         refused: dict[str, tuple[int, str]] = {}
         for recipient in recipients:
-            try:
-                await self._rcpt(recipient, smtputf8)
-            except SMTPRecipientRefused as exc:
-                if exc.code == SERVICE_CLOSING:
-                    raise  # the whole session is over, not just this recipient
-                refused[recipient] = (exc.code, exc.message)
+            reply = await anext(replies)
+            if reply.code == SERVICE_CLOSING:  # the whole session is over, not one recipient
+                raise SMTPRecipientRefused(reply.code, reply.message, recipient)
+            if reply.code not in (250, 251):
+                refused[recipient] = (reply.code, reply.message)
         if len(refused) == len(recipients):
             raise self._all_refused(refused)
-        return refused
-
-    async def _send_data(self, payload: bytes) -> SMTPResponse:
-        """DATA, then the content; from the moment it is written, failures are ambiguous.
-
-        The content is written here rather than by `SMTP.data`, which does
-        both steps in one call and so cannot tell a refused DATA command from
-        a lost reply to the content.
-        """
-        reply = await self._client.execute_command(b"DATA", timeout=self._settings.timeouts.command)
+        self._phase = _Phase.DATA
+        reply = await anext(replies)
         if reply.code != 354:
             raise SMTPResponseException(reply.code, reply.message)
-        protocol = self._client.protocol
-        if protocol is None:
-            raise SMTPServerDisconnected("Connection lost")
+        return refused
+
+    async def _replies(self, commands: list[bytes]) -> AsyncIterator[SMTPResponse]:
+        """Send `commands` (each a CRLF-ended line) and yield their replies in order.
+
+        Pipelined when the server offers it and the URL does not turn it
+        off: all commands in one write, up front. Otherwise each command is
+        written when its reply is asked for, so nothing follows a refusal.
+        """
+        protocol = self._protocol()
+        pipelined = self._settings.pipelining and self._client.supports_extension("pipelining")
+        if pipelined:
+            protocol.write(b"".join(commands))
+        for command in commands:
+            if not pipelined:
+                protocol.write(command)
+            yield await protocol.read_response(timeout=self._settings.timeouts.command)
+
+    async def _send_content(self, payload: bytes) -> SMTPResponse:
+        """Write the content after DATA's 354; from then on, a failure is ambiguous.
+
+        The content is written here rather than by `SMTP.data`, which sends
+        DATA and the content in one call and so cannot tell a refused DATA
+        command from a lost reply to the content.
+        """
+        protocol = self._protocol()
         protocol.write(payload)
         self._phase = _Phase.DATA_SENT
         reply = await protocol.read_response(timeout=self._settings.timeouts.data)
         if not 200 <= reply.code < 300:
             raise SMTPResponseException(reply.code, reply.message)
         return reply
+
+    def _protocol(self) -> SMTPProtocol:
+        protocol = self._client.protocol
+        if protocol is None:
+            raise SMTPServerDisconnected("Connection lost")
+        return protocol
 
     def _all_refused(self, refused: dict[str, tuple[int, str]]) -> DeliveryError:
         """Every RCPT refused: permanent only if every refusal was permanent (5xx)."""
@@ -327,6 +399,25 @@ def _is_stale(cause: BaseException | None) -> bool:
     if isinstance(cause, SMTPResponseException):
         return cause.code == SERVICE_CLOSING
     return isinstance(cause, ConnectionError)
+
+
+def _mail_line(sender: str, options: list[str]) -> bytes:
+    """`MAIL FROM:<sender> OPTIONS` CRLF, built here rather than by `SMTP.mail`.
+
+    The envelope addresses are bare addr-specs already checked by the
+    composer; `SMTP.mail` and `SMTP.rcpt` run each through
+    `email.utils.parseaddr`, which cost more CPU than the rest of the
+    command (measured ~30 us a message). `_mailbox` still refuses one that
+    could break the command line.
+    """
+    mailbox = _mailbox(sender, "SMTPUTF8" in options)
+    words = [b"MAIL FROM:<" + mailbox + b">", *(o.encode("ascii") for o in options)]
+    return b" ".join(words) + b"\r\n"
+
+
+def _rcpt_line(recipient: str, smtputf8: bool) -> bytes:
+    """`RCPT TO:<recipient>` CRLF (see `_mail_line`)."""
+    return b"RCPT TO:<" + _mailbox(recipient, smtputf8) + b">\r\n"
 
 
 def _mailbox(address: str, smtputf8: bool = False) -> bytes:

@@ -34,7 +34,7 @@ __all__ = [
 
 CONFIG_KEY = "smtp_url"
 DEFAULT_PORTS = {"smtp": 25, "smtps": 465}
-SMTP_OPTIONS = ("starttls", "tls_verify", "timeout")
+SMTP_OPTIONS = ("starttls", "tls_verify", "pipelining", "timeout")
 ESCAPE_HINT = "percent-encode / ? # @ : in the user name and password (e.g. %2F for /)"
 
 _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")
@@ -125,6 +125,7 @@ def parse_smtp_url(
         implicit_tls=implicit_tls,
         starttls=_starttls(options.get("starttls", StartTLS.OPPORTUNISTIC.value)),
         tls_verify=_boolean(options.get("tls_verify", "true"), "tls_verify"),
+        pipelining=_boolean(options.get("pipelining", "true"), "pipelining"),
         username=username,
         password=password,
         timeouts=Timeouts(
