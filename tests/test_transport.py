@@ -591,8 +591,9 @@ class _StrictPipeliningServer:
     loses the rest. Offers PIPELINING only when asked to.
     """
 
-    def __init__(self, offer: bool) -> None:
+    def __init__(self, offer: bool, ok: bytes = b"250 OK") -> None:
         self.offer = offer
+        self.ok = ok + b"\r\n"  # the reply to MAIL and each RCPT
         self.batches: list[list[bytes]] = []  # the envelope commands answered together
         self.contents: list[bytes] = []
 
@@ -607,10 +608,10 @@ class _StrictPipeliningServer:
             elif verb in (b"MAIL", b"RCPT"):
                 pending.append(line)
                 if not self.offer:
-                    writer.write(b"250 OK\r\n")
+                    writer.write(self.ok)
             elif verb == b"DATA":
                 pending.append(line)
-                replies = b"250 OK\r\n" * (len(pending) - 1) if self.offer else b""
+                replies = self.ok * (len(pending) - 1) if self.offer else b""
                 writer.write(replies + b"354 go ahead\r\n")
                 self.batches.append(pending)
                 self.contents.append(await reader.readuntil(b"\r\n.\r\n"))
@@ -653,6 +654,24 @@ def test_mail_rcpt_and_data_go_out_together_and_replies_that_arrive_together_are
         b"DATA\r\n",
     ]
     assert all(content.endswith(b"Hello\r\n.\r\n") for content in server.contents)
+
+
+def test_many_recipients_replies_arriving_together_are_not_taken_for_one_long_reply() -> None:
+    """400 RCPT replies of 100 bytes arrive in one write: 40 KB, more than aiosmtplib's
+    32 KB limit for one reply, which must apply to each reply, not to the lot."""
+    server = _StrictPipeliningServer(offer=True, ok=b"250 2.1.5 " + b"x" * 90)
+    recipients = [f"r{n}@example.com" for n in range(400)]
+
+    async def scenario(url: str) -> SendResult:
+        transport = smtp(url)
+        try:
+            return await transport.send(message(*recipients))
+        finally:
+            await transport.close()
+
+    result = server.run(scenario)
+    assert (result.smtp_code, result.refused) == (250, {})
+    assert len(server.batches[0]) == 402
 
 
 def test_without_pipelining_offered_each_command_waits_for_its_reply() -> None:

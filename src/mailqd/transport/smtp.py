@@ -53,6 +53,7 @@ from aiosmtplib import (
     SMTPResponseException,
     SMTPSenderRefused,
     SMTPServerDisconnected,
+    SMTPStatus,
     SMTPTimeoutError,
 )
 from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
@@ -95,17 +96,17 @@ class _RepliesInOrder(SMTPProtocol):
         self._buffer.extend(data)
         if waiter.done():
             return
-        if len(self._buffer) > MAX_RESPONSE_LENGTH:
-            del self._buffer[:]
-            self._set_response_exception(waiter, SMTPResponseException(500, "Response too long"))
-            return
         try:
             reply = self._read_response_from_buffer()
         except Exception as exc:
             self._set_response_exception(waiter, exc)
-        else:
-            if reply is not None:
-                waiter.set_result(reply)
+            return
+        if reply is not None:
+            waiter.set_result(reply)
+        elif len(self._buffer) > MAX_RESPONSE_LENGTH:  # one reply that never ends
+            del self._buffer[:]
+            error = SMTPResponseException(SMTPStatus.invalid_response.value, "Response too long")
+            self._set_response_exception(waiter, error)
 
     async def read_response(self, timeout: float | None = None) -> SMTPResponse:
         waiter = self._response_waiter
