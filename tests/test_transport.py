@@ -76,26 +76,30 @@ def message(
     return OutgoingMessage(sender, recipients, data, "<id@example.com>")
 
 
-def send_each(transport: Transport, *messages: OutgoingMessage) -> list[SendResult]:
-    async def scenario() -> list[SendResult]:
-        try:
-            return [await transport.send(outgoing) for outgoing in messages]
-        finally:
-            await transport.close()
+async def sending(transport: Transport, *messages: OutgoingMessage) -> list[SendResult]:
+    """Send each message in turn, then close the transport."""
+    try:
+        return [await transport.send(outgoing) for outgoing in messages]
+    finally:
+        await transport.close()
 
-    return run(scenario())
+
+async def refused(transport: Transport, error: type[DeliveryError]) -> DeliveryError:
+    """Send one message, expecting `error`; close the transport; return the error."""
+    try:
+        with pytest.raises(error) as caught:
+            await transport.send(message())
+        return caught.value
+    finally:
+        await transport.close()
+
+
+def send_each(transport: Transport, *messages: OutgoingMessage) -> list[SendResult]:
+    return run(sending(transport, *messages))
 
 
 def send_expecting(transport: Transport, error: type[DeliveryError]) -> DeliveryError:
-    async def scenario() -> DeliveryError:
-        try:
-            with pytest.raises(error) as caught:
-                await transport.send(message())
-            return caught.value
-        finally:
-            await transport.close()
-
-    return run(scenario())
+    return run(refused(transport, error))
 
 
 def make_job(**fields: Any) -> Job:
@@ -637,14 +641,7 @@ def test_mail_rcpt_and_data_go_out_together_and_replies_that_arrive_together_are
     server = _StrictPipeliningServer(offer=True)
     outgoing = [message("a@example.com", "b@example.com"), message("c@example.com")]
 
-    async def scenario(url: str) -> list[SendResult]:
-        transport = smtp(url)
-        try:
-            return [await transport.send(each) for each in outgoing]
-        finally:
-            await transport.close()
-
-    results = server.run(scenario)
+    results = server.run(lambda url: sending(smtp(url), *outgoing))
 
     assert [(r.smtp_code, r.refused) for r in results] == [(250, {}), (250, {})]
     assert [len(batch) for batch in server.batches] == [4, 3]  # MAIL, RCPT…, DATA at once
@@ -662,14 +659,7 @@ def test_many_recipients_replies_arriving_together_are_not_taken_for_one_long_re
     server = _StrictPipeliningServer(offer=True, ok=b"250 2.1.5 " + b"x" * 90)
     recipients = [f"r{n}@example.com" for n in range(400)]
 
-    async def scenario(url: str) -> SendResult:
-        transport = smtp(url)
-        try:
-            return await transport.send(message(*recipients))
-        finally:
-            await transport.close()
-
-    result = server.run(scenario)
+    [result] = server.run(lambda url: sending(smtp(url), message(*recipients)))
     assert (result.smtp_code, result.refused) == (250, {})
     assert len(server.batches[0]) == 402
 
@@ -677,14 +667,8 @@ def test_many_recipients_replies_arriving_together_are_not_taken_for_one_long_re
 def test_without_pipelining_offered_each_command_waits_for_its_reply() -> None:
     server = _StrictPipeliningServer(offer=False)
 
-    async def scenario(url: str) -> SendResult:
-        transport = smtp(url)
-        try:
-            return await transport.send(message())
-        finally:
-            await transport.close()
-
-    assert server.run(scenario).smtp_code == 250
+    [result] = server.run(lambda url: sending(smtp(url), message()))
+    assert result.smtp_code == 250
     assert [len(batch) for batch in server.batches] == [3]
 
 
@@ -700,15 +684,7 @@ def test_pipelining_false_in_the_url_sends_one_command_at_a_time() -> None:
     assert settings.redacted_url() == "smtp://mx.test:25?pipelining=false"
     server = _StrictPipeliningServer(offer=True)
 
-    async def scenario(url: str) -> DeliveryError:
-        transport = smtp(url + "&pipelining=false&timeout=0.5")
-        try:
-            with pytest.raises(TransientDeliveryError) as caught:
-                await transport.send(message())
-            return caught.value
-        finally:
-            await transport.close()
-
-    error = server.run(scenario)
+    one_by_one = "&pipelining=false&timeout=0.5"
+    error = server.run(lambda url: refused(smtp(url + one_by_one), TransientDeliveryError))
     assert "MAIL FROM failed: timed out" in str(error)
     assert server.batches == []
