@@ -356,6 +356,17 @@ def test_migrations_build_exactly_the_declared_schema(store: Store) -> None:
     assert diff == []
 
 
+def email_queue_indexes(pg_url: str) -> dict[str, str]:
+    """Each index of `email_queue` on PostgreSQL: name -> its CREATE INDEX statement."""
+    store = Store.from_url(pg_url)
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'email_queue'"
+        ).all()
+    store.close()
+    return dict(rows)
+
+
 def test_no_index_but_the_claim_index_leads_with_status_over_pending_rows(pg_url: str) -> None:
     """The planner must have one way to find pending rows: the claim index, in claim order.
 
@@ -364,13 +375,7 @@ def test_no_index_but_the_claim_index_leads_with_status_over_pending_rows(pg_url
     pending row read and sorted per claim, a 20,000-job backlog drained at half
     speed (bench/bench_daemon.py). Such an index must leave pending rows out.
     """
-    store = Store.from_url(pg_url)
-    with store.engine.connect() as conn:
-        rows = conn.exec_driver_sql(
-            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'email_queue'"
-        ).all()
-    store.close()
-    definitions = dict(rows)
+    definitions = email_queue_indexes(pg_url)
     assert "pending" in definitions["ix_email_queue_claim"]
     leading_status = {
         name: definition
@@ -395,12 +400,6 @@ def test_the_lease_index_is_not_keyed_on_status_so_by_id_updates_use_the_primary
     3,540 msg/s, bench/bench_daemon.py). Rows with a lease are exactly the
     held rows, and the rescuer and stats still find them through it.
     """
-    store = Store.from_url(pg_url)
-    with store.engine.connect() as conn:
-        definition = conn.exec_driver_sql(
-            "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_email_queue_lease'"
-        ).scalar_one()
-    store.close()
-    predicate = definition.partition(" WHERE ")[2]
+    predicate = email_queue_indexes(pg_url)["ix_email_queue_lease"].partition(" WHERE ")[2]
     assert "lease_expires_at IS NOT NULL" in predicate
     assert "status" not in predicate
