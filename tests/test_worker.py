@@ -521,7 +521,8 @@ def test_outcome_of_a_send_during_a_database_outage_is_kept_and_recorded(
             await asyncio.to_thread(_set_database_down, pg_admin_url, database, True)
             gate.set()
             await messages(smtp_server, 1)  # sent while the database is down
-            await asyncio.sleep(0.3)  # the completer fails and keeps the outcome
+            # The completer's write fails; the outcome is kept, not dropped.
+            await eventually(lambda: worker.database_unavailable and worker.unrecorded == 1)
             assert worker.totals.sent == 0
             await asyncio.to_thread(_set_database_down, pg_admin_url, database, False)
             await worker.wait_until(lambda t: t.sent >= 1, DEADLINE)

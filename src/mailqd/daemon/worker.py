@@ -312,6 +312,16 @@ class Worker:
         await self._release_unfinished(deadline=None)
         await self._slots.close_all()
 
+    @property
+    def unrecorded(self) -> int:
+        """Outcomes finished and not yet committed (kept through a database outage)."""
+        return self._completer.pending
+
+    @property
+    def database_unavailable(self) -> bool:
+        """Whether the last store call of this worker failed (an outage is under way)."""
+        return self._outage.ongoing
+
     async def wait_until(
         self, predicate: Callable[[BatchResult], bool], timeout: float
     ) -> BatchResult:
