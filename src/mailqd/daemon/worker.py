@@ -657,7 +657,7 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's loop when it is installed, else asyncio's own (None).
 
     The worker's event loop runs every SMTP dialogue; uvloop cuts the
-    worker's CPU per message by about a fifth (see README, Performance).
+    worker's CPU per message by about a fifth (docs/performance.md).
     """
     try:
         import uvloop
