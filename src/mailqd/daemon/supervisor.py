@@ -58,14 +58,13 @@ from types import FrameType
 from typing import Any, NoReturn
 
 import structlog
-from sqlalchemy.engine import make_url
 
 from mailqd import metrics
 from mailqd.config import Settings
 from mailqd.daemon.heartbeat import Heartbeat, WorkerIdentity
 from mailqd.daemon.sidecar import Sidecar
 from mailqd.errors import ConfigError, MailqError, SchemaError
-from mailqd.store import Store, check_schema
+from mailqd.store import Store, check_schema, is_postgresql
 from mailqd.transport import redact_url, tls_verification_off
 
 __all__ = [
@@ -731,7 +730,7 @@ def open_store(url: str) -> Store:
     that drops packets: the main loop has workers to watch.
     """
     options: dict[str, Any] = {}
-    if make_url(url).get_backend_name() == "postgresql":
+    if is_postgresql(url):
         options["connect_args"] = {"connect_timeout": DB_CONNECT_TIMEOUT}
     return Store.from_url(url, **options)
 

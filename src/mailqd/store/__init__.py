@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from mailqd.store.engine import is_postgresql
 from mailqd.store.schema import NOTIFY_CHANNEL
 from mailqd.store.store import Completion, Store
 
 if TYPE_CHECKING:
     from mailqd.store.migrate import check_schema, upgrade
 
-__all__ = ["NOTIFY_CHANNEL", "Completion", "Store", "check_schema", "upgrade"]
+__all__ = [
+    "NOTIFY_CHANNEL",
+    "Completion",
+    "Store",
+    "check_schema",
+    "is_postgresql",
+    "upgrade",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -76,3 +76,8 @@ def _configure_sqlite(engine: sa.Engine) -> None:
     @event.listens_for(engine, "begin")
     def _on_begin(conn: sa.Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def is_postgresql(url: str) -> bool:
+    """Whether `url` names a PostgreSQL database (`ConfigError` if it names none we support)."""
+    return normalize_url(url).get_backend_name() == "postgresql"
