@@ -52,7 +52,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 
@@ -250,7 +250,11 @@ class Sink:
         if not self.program:
             return None
         try:
-            text = self._counter_file.read_bytes()[-200:].decode("ascii", "replace")
+            with self._counter_file.open("rb") as counters:
+                # The file grows by a line a message: read its tail only, so
+                # polling it often costs the same at the 20,000th message.
+                counters.seek(max(0, counters.seek(0, os.SEEK_END) - 200))
+                text = counters.read().decode("ascii", "replace")
         except OSError:
             return None
         counts = re.findall(r"mesg=(\d+)", text)
@@ -312,7 +316,7 @@ class Queue:
 
     def __init__(self, url: str) -> None:
         self.store = Store.from_url(url)
-        self.conn = psycopg.connect(_libpq(url), autocommit=True)
+        self.conn = psycopg.connect(libpq_url(url), autocommit=True)
 
     def close(self) -> None:
         self.conn.close()
@@ -421,7 +425,7 @@ class Queue:
         )
 
 
-def _libpq(url: str) -> str:
+def libpq_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
@@ -554,14 +558,24 @@ class Daemon:
 # -- the measurements ---------------------------------------------------------------
 
 
+class Processes(Protocol):
+    """What `CpuMeter` reads of a system under test: a supervisor (if any) and its workers."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def worker_pids(self) -> list[int]: ...
+
+
 class CpuMeter:
     """CPU seconds used in a window by the daemon, its PostgreSQL backends and the sink.
 
     The total per message bounds the rate on this machine from above,
     whatever else runs on it: 2 cores / (CPU seconds per message).
+    `daemon` is `mailqd` or any other system under test (bench_coldstart.py).
     """
 
-    def __init__(self, queue: Queue, daemon: Daemon, sink: Sink) -> None:
+    def __init__(self, queue: Queue, daemon: Processes, sink: Sink) -> None:
         self.queue, self.daemon, self.sink = queue, daemon, sink
         self._start: dict[str, dict[int, float]] = {}
         self._seen: dict[str, dict[int, float]] = {}
@@ -795,6 +809,26 @@ def uses_uvloop() -> str:
         return "no uvloop (the workers use asyncio's own loop)"
 
 
+SENDER = "Shop <noreply@example.com>"
+
+
+def daemon_env(url: str, sink_port: int, workers: int, concurrency: int | None) -> dict[str, str]:
+    """The environment `mailqd` runs with in the benches: this one's, less any MAILQD_ setting."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQD_")}
+    env.update(
+        MAILQD_DATABASE_URL=url,
+        MAILQD_SMTP_URL=f"smtp://127.0.0.1:{sink_port}?starttls=off",
+        MAILQD_WORKERS=str(workers),
+        MAILQD_LOG_LEVEL="warning",
+        MAILQD_LOG_FORMAT="json",
+        MAILQD_FROM=SENDER,
+        MAILQD_METRICS_LISTEN=f"127.0.0.1:{free_port()}",
+    )
+    if concurrency:
+        env["MAILQD_CONCURRENCY"] = str(concurrency)
+    return env
+
+
 def run(args: argparse.Namespace, url: str, workdir: Path) -> None:
     sizes = QUICK if args.quick else FULL
     n = args.messages or sizes.messages
@@ -807,18 +841,7 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> None:
     sink.start()
     queue = Queue(url)
     client = Client(url)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQD_")}
-    env.update(
-        MAILQD_DATABASE_URL=url,
-        MAILQD_SMTP_URL=f"smtp://127.0.0.1:{sink.port}?starttls=off",
-        MAILQD_WORKERS=str(args.workers),
-        MAILQD_LOG_LEVEL="warning",
-        MAILQD_LOG_FORMAT="json",
-        MAILQD_FROM="Shop <noreply@example.com>",
-        MAILQD_METRICS_LISTEN=f"127.0.0.1:{free_port()}",
-    )
-    if args.concurrency:
-        env["MAILQD_CONCURRENCY"] = str(args.concurrency)
+    env = daemon_env(url, sink.port, args.workers, args.concurrency)
     daemon = Daemon(env, workdir / "mailqd.log", args.workers)
     memory = MemoryReport()
     try:

@@ -1,0 +1,1 @@
+"""The peers mailqd is measured against in bench/bench_coldstart.py."""
