@@ -75,6 +75,11 @@ class Run:
     def rate(self) -> float:
         return self.messages / self.seconds
 
+    @property
+    def steady_rate(self) -> float:
+        """From the first delivery to the last: how fast it delivers once it has started."""
+        return (self.messages - 1) / max(self.seconds - self.first_seconds, 1e-9)
+
     def cpu_us(self, *roles: str) -> float:
         return sum(self.cpu.get(role, 0.0) for role in roles) / self.messages * 1e6
 
@@ -137,7 +142,7 @@ def _wait_recorded(system: System, started: float) -> float | None:
 # -- the report ------------------------------------------------------------------
 
 _HEADER = (
-    f"  {'round':<6}{'system':<10}{'msg/s':>8}{'first':>8}{'all':>8}{'recorded':>10}"
+    f"  {'round':<6}{'system':<10}{'msg/s':>8}{'first':>8}{'after':>8}{'all':>8}{'recorded':>10}"
     f"{'system':>9}{'postgres':>9}{'sink':>7}{'total':>7}"
 )
 
@@ -146,6 +151,7 @@ def print_run(run: Run) -> None:
     recorded = "-" if run.recorded_seconds is None else f"{run.recorded_seconds:.2f}"
     print(
         f"  {run.round:<6}{run.system:<10}{run.rate:>8,.0f}{run.first_seconds:>7.2f}s"
+        f"{run.steady_rate:>8,.0f}"
         f"{run.seconds:>7.2f}s{recorded:>9}s"
         f"{run.cpu_us('supervisor', 'workers'):>9,.0f}{run.cpu_us('postgres', 'autovacuum'):>9,.0f}"
         f"{run.cpu_us('sink'):>7,.0f}{run.cpu_us(*run.cpu):>7,.0f}",
@@ -160,11 +166,12 @@ def print_summary(runs: Sequence[Run], names: Sequence[str]) -> None:
         mine = [r for r in runs if r.system == name]
         medians[name] = statistics.median(r.rate for r in mine)
         first = statistics.median(r.first_seconds for r in mine)
+        steady = statistics.median(r.steady_rate for r in mine)
         cpu = statistics.median(r.cpu_us(*r.cpu) for r in mine)
         rates = ", ".join(f"{r.rate:,.0f}" for r in mine)
         print(
             f"  {name:<10}{medians[name]:>8,.0f} msg/s (runs: {rates}); first delivery"
-            f" {first:.2f} s; all processes {cpu:,.0f} us/msg"
+            f" {first:.2f} s, then {steady:,.0f} msg/s; all processes {cpu:,.0f} us/msg"
         )
     if "mailqd" not in medians:
         return
@@ -188,8 +195,9 @@ def print_summary(runs: Sequence[Run], names: Sequence[str]) -> None:
 def print_legend() -> None:
     print(
         "msg/s: N / (process start -> the sink has all N), start-up included. first: process start"
-        " -> first message at the sink.\nall: process start -> all N at the sink. recorded: process"
-        " start -> the queue has every outcome written.\nCPU columns, us per message: system (its"
+        " -> first message at the sink.\nafter: msg/s from the first message to the last. all:"
+        " process start -> all N at the sink.\nrecorded: process start -> the queue has every"
+        " outcome written.\nCPU columns, us per message: system (its"
         " processes), postgres (backends of this database + autovacuum),\nsink (smtp-sink), total;"
         " from the system's start until the sink had all N.\n"
     )

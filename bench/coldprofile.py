@@ -34,7 +34,7 @@ BUCKETS = (
     "SMTP dialogue (transport)",
     "outcome recording (completer, store complete)",
     "other: worker start-up (imports, schema check)",
-    "other: mailqd.daemon bookkeeping (delivery, worker)",
+    "other: mailqd bookkeeping (delivery, worker, leases)",
     "other: event loop / interpreter (no mailqd frame)",
 )
 CLAIM, COMPOSE, SMTP, OUTCOME, STARTUP, DAEMON, LOOP = BUCKETS
@@ -48,7 +48,7 @@ _RULES: tuple[tuple[str, re.Pattern[str], re.Pattern[str]], ...] = tuple(
         (CLAIM, r"mailqd/store/", r"claim|_job_from_row|screen"),
         (OUTCOME, r"mailqd/store/", r"complet|_job_outcome|_attempt_|_storable_text"),
         (OUTCOME, r"mailqd/daemon/completer", r""),
-        (CLAIM, r"mailqd/daemon/worker", r"_claim|_produce|_set_aside|_start$"),
+        (CLAIM, r"mailqd/daemon/worker", r"\._(claim|produce|set_aside|start)$"),
         (COMPOSE, r"mailqd/(compose|templates|sanitize|signing)", r""),
         (COMPOSE, r"mailqd/daemon/(templates|delivery)", r"^_compose$|^_content$|render"),
         (SMTP, r"mailqd/transport/", r""),
@@ -71,23 +71,35 @@ _WAITING = re.compile(
 
 
 def bucket_of(stack: list[str]) -> tuple[str, str]:
-    """The bucket of one sample (frames root first), and the frame that decided it."""
+    """The bucket of one sample (frames root first), and the frame that decided it.
+
+    A store frame no rule names (a connection checkout, a lease extension)
+    takes its caller's bucket; with no caller that a rule names, it is
+    bookkeeping.
+    """
     if stack and _WAITING.match(stack[-1]):
         return WAITING, stack[-1]
+    unnamed_store: str | None = None
     for frame in reversed(stack):
         match = _FRAME.match(frame)
         if match is None:
             continue
         if "importlib._bootstrap" in match["file"]:
             return STARTUP, frame
-        if "mailqd/" not in match["file"]:
+        if "mailqd/" not in match["file"] or _PASS_THROUGH.search(match["file"]):
             continue
-        if _PASS_THROUGH.search(match["file"]):
-            continue
+        name = f"{match['file']}:{match['function']}"
         for bucket, file, function in _RULES:
             if file.search(match["file"]) and function.search(match["function"]):
-                return bucket, f"{match['file']}:{match['function']}"
-        return DAEMON, f"{match['file']}:{match['function']}"
+                if bucket == LOOP and unnamed_store is not None:
+                    return DAEMON, unnamed_store
+                return bucket, name
+        if "mailqd/store/" in match["file"]:
+            unnamed_store = unnamed_store or name
+            continue
+        return DAEMON, name
+    if unnamed_store is not None:
+        return DAEMON, unnamed_store
     return LOOP, (stack[-1] if stack else "(empty)")
 
 

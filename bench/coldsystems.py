@@ -169,7 +169,7 @@ class PgQueuerPeer:
         return (
             f"PgQueuer {version('pgqueuer')} (asyncpg {version('asyncpg')}), {self.workers} x"
             f" peers/pgqueuer_mail.py (`pgq run`'s supervisor) --batch-size {self.batch_size}"
-            f" --max-concurrent-tasks {self.concurrency}`, {self.concurrency} SMTP connections each"
+            f" --max-concurrent-tasks {self.concurrency}, {self.concurrency} SMTP connections each"
         )
 
     def prepare(self) -> None:
