@@ -12,17 +12,18 @@ sink, every 2 ms). The systems:
 
 - mailqd: the `mailqd` command, 3 workers (bench_daemon's settings); the N
   are enqueued with `Client.enqueue_many`, 1,000 per transaction.
-- PgQueuer: 3 `pgq run peers.pgqueuer_mail:main` processes (its documented
-  way to run workers), asyncpg driver, `--batch-size 16
-  --max-concurrent-tasks 32` each, 32 kept-open SMTP connections each; the N
-  are enqueued with `Queries.enqueue`, 1,000 per call; schema from `pgq
-  install` (durable) and `pgq autovac`. See peers/pgqueuer_mail.py.
+- PgQueuer: 3 worker processes of peers/pgqueuer_mail.py, each what `pgq run
+  peers.pgqueuer_mail:main --batch-size 16 --max-concurrent-tasks 32` runs
+  (`pgqueuer.run`, on uvloop), asyncpg driver, 32 kept-open SMTP connections
+  each; the N are enqueued with `Queries.enqueue`, 1,000 per call; schema
+  from `pgq install` (durable) and `pgq autovac`. See peers/pgqueuer_mail.py.
 - bare loop: 3 processes sending prebuilt bytes with `aiosmtplib.SMTP.sendmail`
   over 32 kept-open connections each, no queue (peers/bare_aiosmtplib.py).
 
 Printed per system and round: msg/s with start-up included, the time to the
-first delivery, the time until the system's queue had every outcome recorded
-(mailqd: nothing pending or sending; PgQueuer: its queue table empty), and
+first delivery, msg/s from the first delivery to the last, the time until
+the system's queue had every outcome recorded (mailqd: nothing pending or
+sending; PgQueuer: its queue table empty), and
 CPU per message of the system's processes, of the PostgreSQL backends serving
 the database (autovacuum included) and of the sink (bench_daemon's
 `CpuMeter`, from the start until the sink has all N); then medians, and
