@@ -174,7 +174,7 @@ def print_summary(runs: Sequence[Run], names: Sequence[str]) -> None:
             f"  {name:<10}{medians[name]:>8,.0f} msg/s (runs: {rates}); first delivery"
             f" {first:.2f} s, then {steady:,.0f} msg/s; all processes {cpu:,.0f} us/msg"
         )
-    if "mailqd" not in medians:
+    if "mailqd" not in medians or len(medians) < 2:
         return
     print("\nmailqd's ratio to each peer")
     for name in names:
