@@ -226,17 +226,23 @@ def _read_message(path: str) -> bytes:
 
 
 def _parse_message(data: bytes) -> _Content:
-    """Take the headers and text parts mailqd keeps; refuse what it cannot send as it is."""
+    """Take the headers and text parts mailqd keeps; refuse what it cannot send as it is.
+
+    Address headers are taken as written (unfolded, UTF-8 per RFC 6532) and
+    left to `build_job`'s parser, the daemon's: the stdlib's lenient one
+    would turn `attacker@gmail.co m <victim@example.com>` into other
+    recipients than the ones the daemon would find.
+    """
     message = BytesParser(policy=policy.default).parsebytes(data)
     assert isinstance(message, EmailMessage)
     body, html = _text_parts(message)
     subject = _header(message, "Subject")
     return _Content(
-        to=_all_headers(message, "To"),
-        cc=_all_headers(message, "Cc"),
-        bcc=_all_headers(message, "Bcc"),
-        from_address=_header(message, "From"),
-        reply_to=_header(message, "Reply-To"),
+        to=_raw_headers(message, "To"),
+        cc=_raw_headers(message, "Cc"),
+        bcc=_raw_headers(message, "Bcc"),
+        from_address=_one(_raw_headers(message, "From"), "From"),
+        reply_to=_one(_raw_headers(message, "Reply-To"), "Reply-To"),
         subject=subject or "",
         body=body,
         html=html,
@@ -250,8 +256,25 @@ def _all_headers(message: EmailMessage, name: str) -> list[str]:
         raise ValidationError(name.lower(), f"cannot parse the {name} header: {exc}") from None
 
 
+def _raw_headers(message: EmailMessage, name: str) -> list[str]:
+    """Every `name` header's value as the file holds it, unfolded."""
+    values = []
+    for key, value in message.raw_items():
+        if key.lower() != name.lower():
+            continue
+        raw = _UNFOLD.sub("", str(value)).strip(" \t")
+        try:  # the parser keeps 8-bit bytes as surrogate escapes
+            values.append(raw.encode("ascii", "surrogateescape").decode("utf-8"))
+        except UnicodeError:
+            raise ValidationError(name.lower(), f"the {name} header is not UTF-8") from None
+    return values
+
+
 def _header(message: EmailMessage, name: str) -> str | None:
-    values = _all_headers(message, name)
+    return _one(_all_headers(message, name), name)
+
+
+def _one(values: list[str], name: str) -> str | None:
     if len(values) > 1:
         raise ValidationError(name.lower(), f"the message has {len(values)} {name} headers")
     return values[0] if values else None
@@ -275,3 +298,4 @@ def _text_parts(message: EmailMessage) -> tuple[str | None, str | None]:
 
 
 _TEXT_KINDS = ("text/plain", "text/html")
+_UNFOLD = re.compile(r"\r?\n(?=[ \t])")

@@ -11,8 +11,9 @@ guessed at. The envelope recipients are exactly the addr-specs found.
 
 Groups, comments, quoted local parts, source routes and domain literals
 (`victim@[127.0.0.1]`) are refused: no application needs them to queue
-mail, and each is a way to make two parsers disagree. A domain needs a dot
-and a top label with a letter (`a@localhost` and `a@10.0.0.1` are refused).
+mail, and each is a way to make two parsers disagree. A domain's top label
+needs a letter (`a@10.0.0.1` is refused); a single label (`mailqd@localhost`,
+the default sender) is accepted, on both sides.
 
 The common shapes (`a@example.com`, a comma-separated list of those) are
 matched by one regex; every parse is cached, so a list sent to many times

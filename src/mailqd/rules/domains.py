@@ -19,7 +19,7 @@ __all__ = ["DNS_LABEL", "ascii_dns_name", "is_dns_name", "is_mail_domain"]
 DNS_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _DNS_NAME = re.compile(rf"{DNS_LABEL}(?:\.{DNS_LABEL})*\Z")
 _TOP_LABEL = r"(?=[A-Za-z0-9-]*[A-Za-z])[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_MAIL_DOMAIN = re.compile(rf"(?:{DNS_LABEL}\.)+{_TOP_LABEL}\Z")
+_MAIL_DOMAIN = re.compile(rf"(?:{DNS_LABEL}\.)*{_TOP_LABEL}\Z")
 MAX_NAME_LENGTH = 253
 
 
@@ -29,8 +29,12 @@ def is_dns_name(name: str) -> bool:
 
 
 def is_mail_domain(name: str) -> bool:
-    """An ASCII domain mail can be sent to: a DNS name of two labels or more, whose top
-    label holds a letter (so not an IP address) and no underscore."""
+    """An ASCII domain mail can be addressed to: a DNS name whose top label holds a
+    letter (so not an IP address) and no underscore.
+
+    A single label (`localhost`, the default sender's domain) is accepted, as
+    the composer always has: the relay decides where such mail may go.
+    """
     return len(name) <= MAX_NAME_LENGTH and _MAIL_DOMAIN.match(name) is not None
 
 
