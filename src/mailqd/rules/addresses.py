@@ -276,13 +276,21 @@ def _addr_spec(spec: str) -> Address:
         raise _Refused(f"{spec!r} is not a valid e-mail address: malformed local part")
     if domain.startswith("["):
         raise _Refused(f"{spec!r} is not accepted: domain literals such as [127.0.0.1] are refused")
-    ascii_domain = ascii_dns_name(domain)
+    ascii_domain = ascii_dns_name(domain) if _visible(domain) else None
     if ascii_domain is None or not is_mail_domain(ascii_domain):
         raise _Refused(f"{spec!r} is not a valid e-mail address: {domain!r} is not a mail domain")
     envelope = f"{local}@{ascii_domain}"
     if len(envelope) > MAX_ADDRESS_LENGTH:
         raise _Refused(f"an address is longer than {MAX_ADDRESS_LENGTH} characters")
     return Address(name="", addr_spec=spec, envelope=envelope)
+
+
+def _visible(text: str) -> bool:
+    """No invisible or blank non-ASCII character (IDNA would drop a zero-width space
+    silently, so the text shown would not be the domain mail goes to)."""
+    return text.isascii() or all(
+        char.isascii() or unicodedata.category(char)[0] in "LMNPS" for char in text
+    )
 
 
 def _valid_local_part(local: str) -> bool:
@@ -292,6 +300,6 @@ def _valid_local_part(local: str) -> bool:
         return len(local) <= MAX_LOCAL_PART_OCTETS and _DOT_ATOM.match(local) is not None
     if len(local.encode("utf-8", "surrogatepass")) > MAX_LOCAL_PART_OCTETS:
         return False
-    if not all(char.isascii() or unicodedata.category(char)[0] in "LMNPS" for char in local):
+    if not _visible(local):
         return False
     return _DOT_ATOM.match(re.sub(r"[^\x00-\x7f]", "a", local)) is not None
