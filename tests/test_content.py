@@ -319,7 +319,7 @@ def insert_row(store: Store, **columns: Any) -> str:
     values = {"recipient_to": "sql@example.com", "subject": "sql", "body": "sql body", **columns}
     postgres = store.dialect == "postgresql"
     params = ", ".join(
-        f"CAST(:{name} AS jsonb)" if postgres and name == "headers" else f":{name}"
+        f"CAST(:{name} AS jsonb)" if postgres and name in ("headers", "variables") else f":{name}"
         for name in values
     )
     with store.engine.begin() as conn:

@@ -104,7 +104,7 @@ def _read_text(path: Path | None, option: str) -> str | None:
 @click.option(
     "--header", "headers", multiple=True, callback=_headers, help="Extra header 'Name: value'."
 )
-@click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True)
+@click.option("--priority", type=int, default=0, show_default=True, help="-1000 to 1000.")
 @click.option(
     "--send-after",
     metavar="TIME",
@@ -114,7 +114,7 @@ def _read_text(path: Path | None, option: str) -> str | None:
 @click.option(
     "--expires-at", metavar="TIME", callback=_when, help="Fail instead of sending after this time."
 )
-@click.option("--max-attempts", type=click.IntRange(min=1), help="Attempts for this job.")
+@click.option("--max-attempts", type=int, help="Attempts for this job (1 to 1000).")
 @click.option("--idempotency-key", help="Queue at most one job for this key.")
 @json_option
 @click.pass_obj
