@@ -25,6 +25,7 @@ import click
 from mailqd.cli.context import Context, json_option, reports_errors
 from mailqd.cli.output import Output
 from mailqd.errors import ValidationError
+from mailqd.rules import MAX_ATTEMPTS_RANGE, PRIORITY_RANGE
 from mailqd.secrets import load_secret_box, seal_variables
 from mailqd.validation import Limits, build_job
 
@@ -104,7 +105,7 @@ def _read_text(path: Path | None, option: str) -> str | None:
 @click.option(
     "--header", "headers", multiple=True, callback=_headers, help="Extra header 'Name: value'."
 )
-@click.option("--priority", type=int, default=0, show_default=True, help="-1000 to 1000.")
+@click.option("--priority", type=click.IntRange(*PRIORITY_RANGE), default=0, show_default=True)
 @click.option(
     "--send-after",
     metavar="TIME",
@@ -114,7 +115,9 @@ def _read_text(path: Path | None, option: str) -> str | None:
 @click.option(
     "--expires-at", metavar="TIME", callback=_when, help="Fail instead of sending after this time."
 )
-@click.option("--max-attempts", type=int, help="Attempts for this job (1 to 1000).")
+@click.option(
+    "--max-attempts", type=click.IntRange(*MAX_ATTEMPTS_RANGE), help="Attempts for this job."
+)
 @click.option("--idempotency-key", help="Queue at most one job for this key.")
 @json_option
 @click.pass_obj
