@@ -35,7 +35,7 @@ from mailqd.rules import (
     parse_recipients,
 )
 
-__all__ = ["DEFAULT_LIMITS", "RESERVED_HEADERS", "Limits", "Recipients", "build_job"]
+__all__ = ["DEFAULT_LIMITS", "RESERVED_HEADERS", "Limits", "Recipients", "build_job", "parse_addresses"]
 
 Recipients = str | Iterable[str] | None
 
