@@ -26,6 +26,7 @@ from mailqd.daemon.worker import Worker
 from mailqd.errors import InvalidAddressError, ValidationError
 from mailqd.logging import mask_address, mask_address_list
 from mailqd.models import Status
+from mailqd.rules import format_address, parse_address_list
 from mailqd.store import Store
 from mailqd.store.screening import recipients_of
 from mailqd.validation import build_job, parse_addresses
@@ -282,6 +283,16 @@ def test_the_client_and_the_composer_accept_and_refuse_the_same_addresses(text: 
         expected.setdefault((local, domain.lower()), spec)
     assert message.recipients == tuple(expected.values())
     assert recipients_of(job) == sorted({r.lower() for r in message.recipients})
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), max_size=60))
+def test_any_display_name_the_client_stores_reads_back_as_itself(name: str) -> None:
+    """The stored form of a name (quoted when needed) is parsed back by the composer unchanged,
+    and is never taken for an address, whatever it holds."""
+    [stored] = parse_addresses("to", format_address(name, "a@example.com"))
+    [address] = parse_address_list("recipient_to", stored)
+    assert (address.name, address.envelope) == (name, "a@example.com")
 
 
 def test_masking_and_screening_read_a_quoted_comma_as_one_address() -> None:

@@ -35,7 +35,14 @@ from mailqd.rules import (
     parse_recipients,
 )
 
-__all__ = ["DEFAULT_LIMITS", "RESERVED_HEADERS", "Limits", "Recipients", "build_job", "parse_addresses"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "RESERVED_HEADERS",
+    "Limits",
+    "Recipients",
+    "build_job",
+    "parse_addresses",
+]
 
 Recipients = str | Iterable[str] | None
 
