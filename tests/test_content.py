@@ -215,7 +215,7 @@ def test_mailqctl_enqueue_refuses_header_injection_in_every_flag(db_url: str, st
         ([*base, "--bcc", "d@example.com\rX-I: y"], "mailqctl: bcc: must not contain CR"),
         ([*base, "--reply-to", f"r@example.com\nBcc: {VICTIM}"], "mailqctl: reply_to: must not"),
         ([*base, "--from", f"f@example.com\r\nBcc: {VICTIM}"], "mailqctl: from_address: must not"),
-        ([*base, "--header", f"X-Note: v\r\nBcc: {VICTIM}"], "mailqctl: header X-Note: must not"),
+        ([*base, "--header", f"X-Note: v\r\nBcc: {VICTIM}"], "mailqctl: headers[X-Note]: must not"),
     ]
     for args, expected in cases:
         assert error_line(invoke("enqueue", *args, db=db_url)).startswith(expected)
@@ -319,7 +319,7 @@ def insert_row(store: Store, **columns: Any) -> str:
     values = {"recipient_to": "sql@example.com", "subject": "sql", "body": "sql body", **columns}
     postgres = store.dialect == "postgresql"
     params = ", ".join(
-        f"CAST(:{name} AS jsonb)" if postgres and name == "headers" else f":{name}"
+        f"CAST(:{name} AS jsonb)" if postgres and name in ("headers", "variables") else f":{name}"
         for name in values
     )
     with store.engine.begin() as conn:

@@ -12,8 +12,9 @@ Everything that comes from a job is untrusted: a row inserted with plain SQL
 may hold anything. Whatever cannot be turned into a safe message raises
 `ValidationError` (or one of its subclasses), which the daemon records as a
 permanent failure of that job; nothing here may crash the worker. The size
-limits (`mailqd.validation.Limits`) are checked here too, with the same
-functions the client uses, and every HTML part is sanitized
+limits, the address parser and the header rules are those of `mailqd.rules`,
+the functions the client uses, so a row refused here would have been
+refused at enqueue with the same words; every HTML part is sanitized
 (`mailqd.sanitize.sanitize_html`).
 
 Addresses with a non-ASCII local part are written as UTF-8 in the headers
@@ -28,82 +29,42 @@ import base64
 import binascii
 import os
 import re
-import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.header import Header
-from email.utils import format_datetime, getaddresses, quote
+from email.utils import format_datetime, quote
 from functools import lru_cache
 from html.parser import HTMLParser
 
-import idna
-
-from mailqd.errors import (
-    HeaderInjectionError,
-    InvalidAddressError,
-    MissingContentError,
-    ValidationError,
-)
+from mailqd.errors import InvalidAddressError, MissingContentError, ValidationError
 from mailqd.models import Job
-from mailqd.sanitize import CACHED_UP_TO, sanitize_html
-from mailqd.validation import (
+from mailqd.rules import (
     DEFAULT_LIMITS,
+    MAX_LINE_LENGTH,
+    Address,
     Limits,
     check_body_size,
-    check_header_count,
+    check_extra_headers,
+    check_header_text,
+    check_message_id,
     check_recipient_count,
     check_subject_length,
+    check_text,
+    parse_address_list,
+    parse_single_address,
 )
+from mailqd.sanitize import CACHED_UP_TO, sanitize_html
 
 __all__ = ["OutgoingMessage", "compose", "html_to_text", "make_message_id"]
 
 CRLF = "\r\n"
-MAX_LINE_LENGTH = 998  # RFC 5322 2.1.1: hard limit, excluding the CRLF
 FOLD_WIDTH = 78  # RFC 5322 2.1.1: the "SHOULD" limit we fold headers to
 QP_SHARE_LIMIT = 0.2  # above this share of 8-bit bytes, base64 beats quoted-printable
 
-# Headers mailqd writes itself; a job's extra headers may not replace them,
-# or a caller could forge the envelope/structure of the message.
-STRUCTURAL_HEADERS = frozenset(
-    {
-        "bcc",
-        "cc",
-        "content-disposition",
-        "content-id",
-        "content-transfer-encoding",
-        "content-type",
-        "date",
-        "from",
-        "message-id",
-        "mime-version",
-        "reply-to",
-        "return-path",
-        "sender",
-        "subject",
-        "to",
-    }
-)
-
-_FORBIDDEN_IN_HEADER = re.compile(r"[\r\n\x00]")
-_SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates cannot be encoded as UTF-8
-_HEADER_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")  # RFC 5322 ftext
 _PLAIN_HEADER_TEXT = re.compile(r"[\x20-\x7e\t]*\Z")
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LOCAL_PART = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*\Z")
-_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
-_DOMAIN_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]+\]\Z")
-_MESSAGE_ID = re.compile(r"<[!-;=?A-~]+@[!-;=?A-~]+>\Z")  # printable, no < > @ inside
-_QUOTED_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-_NEEDS_FULL_PARSER = frozenset('"(\\')
-# `Name <addr>` or a bare addr, with no quoting or comments: parsed without getaddresses.
-_SIMPLE_ADDRESS = re.compile(
-    r"\s*(?:([^<>@,;:\"()\\\[\]]*?)\s*<([^<>\s]+)>|([^<>\s,\"()\\]+))\s*\Z"
-)
 # A name with these (or with runs of spaces, which a phrase would collapse) is quoted.
 _NAME_NEEDS_QUOTES = re.compile(r'[][\\()<>@,:;".\t]|  ')
-_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _HIGH_BYTES = bytes(range(128, 256))
 _WHITESPACE_RUN = re.compile(r"\s+")
 
@@ -123,30 +84,6 @@ class OutgoingMessage:
     data: bytes
     message_id: str
     smtputf8: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class _Address:
-    """One parsed mailbox: its display name and its addr-spec (ASCII domain; the local
-    part is ASCII unless the address needs SMTPUTF8)."""
-
-    name: str
-    addr_spec: str
-
-    @property
-    def domain(self) -> str:
-        return self.addr_spec.rpartition("@")[2]
-
-    @property
-    def envelope_key(self) -> tuple[str, str]:
-        """Identity for de-duplication: local parts are case-sensitive, domains are not."""
-        local, _, domain = self.addr_spec.rpartition("@")
-        return local, domain.lower()
-
-    def header_form(self) -> str:
-        if not self.name:
-            return self.addr_spec
-        return f"{_encode_display_name(self.name)} <{self.addr_spec}>"
 
 
 def make_message_id(job_id: str, domain: str) -> str:
@@ -173,26 +110,30 @@ def compose(
     Message-ID is, in order: the job's own, the one passed in, or one
     derived from the job id and the From domain.
     """
-    sender = _parse_single_address(job.from_address or default_from, "from_address")
-    to = _parse_address_list(job.recipient_to, "recipient_to")
-    cc = _parse_address_list(job.cc, "cc")
-    bcc = _parse_address_list(job.bcc, "bcc")
-    reply_to = _parse_address_list(job.reply_to, "reply_to")
+    sender = _sender(job.from_address or default_from)
+    to = parse_address_list("recipient_to", job.recipient_to)
+    cc = _optional_list("cc", job.cc)
+    bcc = _optional_list("bcc", job.bcc)
+    reply_to = _optional_list("reply_to", job.reply_to)
     check_recipient_count("recipient_to", len(to) + len(cc) + len(bcc), limits)
     recipients = _envelope_recipients((*to, *cc, *bcc))
     if not recipients:
         raise InvalidAddressError("recipient_to", "the message has no recipients")
 
-    msg_id = _normalize_message_id(
+    msg_id = check_message_id(
         job.message_id or message_id or make_message_id(job.id, sender.domain)
     )
     subject = _text_field(job.subject, "subject") or ""
+    check_header_text("subject", subject)
     check_subject_length(subject, limits)
     text, html = _text_field(job.body, "body"), _text_field(job.html, "html")
+    if text is not None and "\x00" in text:
+        check_text("body", text)  # a lone surrogate is found as the body is encoded
+    if html is not None:
+        check_text("html", html)  # before sanitizing
     check_body_size("body", text, limits)
     check_body_size("html", html, limits)
-    if isinstance(job.headers, Mapping):
-        check_header_count(len(job.headers), limits)
+    extra_headers = check_extra_headers(job.headers, limits)
     content_headers, body = _body(text, html)
     lines = [
         f"Date: {format_datetime(_aware(now))}",
@@ -203,15 +144,15 @@ def compose(
         lines.append(_address_header("Cc", cc, "cc"))
     if reply_to:
         lines.append(_address_header("Reply-To", reply_to, "reply_to"))
-    lines.append(_unstructured_header("Subject", subject, "subject"))
+    lines.append(_unstructured_header("Subject", subject))
     lines.append(f"Message-ID: {msg_id}")
     lines.append("MIME-Version: 1.0")
-    lines.extend(_extra_headers(job.headers))
+    lines.extend(_extra_headers(extra_headers))
     lines.extend(content_headers)
-    smtputf8 = not all(a.addr_spec.isascii() for a in (sender, *to, *cc, *bcc, *reply_to))
+    smtputf8 = not all(a.envelope.isascii() for a in (sender, *to, *cc, *bcc, *reply_to))
     head = (CRLF.join(lines) + CRLF + CRLF).encode("utf-8" if smtputf8 else "ascii")
     return OutgoingMessage(
-        sender=sender.addr_spec,
+        sender=sender.envelope,
         recipients=recipients,
         data=head + body,
         message_id=msg_id,
@@ -222,117 +163,29 @@ def compose(
 # --- addresses ---------------------------------------------------------------
 
 
-def _parse_single_address(value: object, field: str) -> _Address:
+def _sender(value: object) -> Address:
     if not value:
         raise InvalidAddressError(
-            field, "no From address: set it on the job or configure a default"
+            "from_address", "no From address: set it on the job or configure a default"
         )
-    addresses = _parse_address_list(value, field)
-    if len(addresses) != 1:
-        raise InvalidAddressError(field, "must hold exactly one address")
-    return addresses[0]
+    return parse_single_address("from_address", value)
 
 
-def _parse_address_list(value: object, field: str) -> list[_Address]:
-    """Parse a comma-separated address list into checked, ASCII-only addresses."""
-    if value is None:
-        return []
-    if not isinstance(value, str):
-        raise InvalidAddressError(field, f"must be text, not {type(value).__name__}")
-    _reject_forbidden_characters(value, field)
-    text = value.strip().strip(",").strip()
-    if not text:
-        return []
-    pairs = _split_address_list(text, field)
-    return [_make_address(name, addr_spec, field) for name, addr_spec in pairs]
+def _optional_list(field: str, value: object) -> tuple[Address, ...]:
+    return () if value is None else parse_address_list(field, value)
 
 
-def _split_address_list(text: str, field: str) -> list[tuple[str, str]]:
-    """Split into (display name, addr-spec) pairs, refusing what a lenient parser would guess.
-
-    A regex handles the usual shapes fast. Anything else goes through
-    `email.utils.getaddresses`, which accepts nearly anything, so its result
-    is checked: there must be as many items as comma-separated entries
-    (catching unquoted names that look like addresses, such as
-    `alice@example.org <bob@example.com>`), and each addr-spec must appear
-    verbatim (the parser silently joins `a@exa mple.com` into another address).
-    """
-    if not any(char in text for char in _NEEDS_FULL_PARSER):
-        pairs = []
-        for item in text.split(","):
-            match = _SIMPLE_ADDRESS.match(item)
-            if match is None:
-                break
-            name, bracketed, bare = match.groups()
-            pairs.append((name or "", bracketed) if bracketed else ("", bare))
-        else:
-            return pairs
-    pairs = getaddresses([text])
-    if len(pairs) != _QUOTED_STRING.sub("", text).count(",") + 1:
-        raise InvalidAddressError(field, "does not parse as a comma-separated list of addresses")
-    if any(addr_spec not in text for _, addr_spec in pairs):
-        raise InvalidAddressError(field, "an address contains spaces or comments")
-    return pairs
-
-
-def _make_address(name: str, addr_spec: str, field: str) -> _Address:
-    if not addr_spec:
-        raise InvalidAddressError(field, "holds an empty or malformed address")
-    return _Address(name=name.strip(), addr_spec=_checked_addr_spec(addr_spec, field))
-
-
-def _checked_addr_spec(addr_spec: str, field: str) -> str:
-    """Return the addr-spec with an ASCII domain (IDNA), or raise why it is unusable.
-
-    A non-ASCII local part is kept (it is sent with SMTPUTF8, RFC 6531),
-    provided it is a dot-atom whose non-ASCII characters are letters, marks,
-    digits, punctuation or symbols: no spaces, controls or invisible ones.
-    """
-    local, at, domain = addr_spec.rpartition("@")
-    if not at or not local or not domain:
-        raise InvalidAddressError(field, "an address has no local part, @ or domain")
-    if not _valid_local_part(local):
-        raise InvalidAddressError(field, "an address has a malformed local part")
-    domain = _ascii_domain(domain, field)
-    checked = f"{local}@{domain}"
-    if len(checked) > 254:
-        raise InvalidAddressError(field, "an address is longer than 254 characters")
-    return checked
-
-
-def _valid_local_part(local: str) -> bool:
-    """A dot-atom of at most 64 octets, where a visible non-ASCII character (a letter,
-    mark, digit, punctuation or symbol) counts as atext (RFC 6531)."""
-    if local.isascii():
-        return len(local) <= 64 and _LOCAL_PART.match(local) is not None
-    if len(local.encode("utf-8", "surrogatepass")) > 64:
-        return False
-    if not all(char.isascii() or unicodedata.category(char)[0] in "LMNPS" for char in local):
-        return False
-    return _LOCAL_PART.match(_NON_ASCII.sub("a", local)) is not None
-
-
-def _ascii_domain(domain: str, field: str) -> str:
-    if _DOMAIN_LITERAL.match(domain):
-        return domain
-    if not domain.isascii():
-        # IDNA 2008 with UTS #46 mapping, as email-validator checks it at
-        # enqueue; Python's own "idna" codec is IDNA 2003, which turns ß
-        # into ss and so would send faß.de's mail to fass.de.
-        try:
-            domain = idna.encode(domain, uts46=True).decode("ascii")
-        except (idna.IDNAError, UnicodeError):
-            raise InvalidAddressError(field, "an address has an invalid domain") from None
-    if len(domain) > 253 or not _DOMAIN.match(domain):
-        raise InvalidAddressError(field, "an address has an invalid domain")
-    return domain
-
-
-def _envelope_recipients(addresses: Iterable[_Address]) -> tuple[str, ...]:
+def _envelope_recipients(addresses: Iterable[Address]) -> tuple[str, ...]:
     seen: dict[tuple[str, str], str] = {}
     for address in addresses:
-        seen.setdefault(address.envelope_key, address.addr_spec)
+        seen.setdefault(address.envelope_key, address.envelope)
     return tuple(seen.values())
+
+
+def _header_form(address: Address) -> str:
+    if not address.name:
+        return address.envelope
+    return f"{_encode_display_name(address.name)} <{address.envelope}>"
 
 
 def _encode_display_name(name: str) -> str:
@@ -341,9 +194,9 @@ def _encode_display_name(name: str) -> str:
     return Header(name, "utf-8").encode(linesep=CRLF)
 
 
-def _address_header(header: str, addresses: Iterable[_Address], field: str) -> str:
+def _address_header(header: str, addresses: Iterable[Address], field: str) -> str:
     """Write an address header, folding between addresses so lines stay near 78."""
-    items = [address.header_form() for address in addresses]
+    items = [_header_form(address) for address in addresses]
     parts = [f"{header}:"]
     width = len(parts[0])
     last = len(items) - 1
@@ -363,14 +216,13 @@ def _address_header(header: str, addresses: Iterable[_Address], field: str) -> s
 # --- other headers -----------------------------------------------------------
 
 
-def _unstructured_header(name: str, value: str, field: str) -> str:
+def _unstructured_header(name: str, value: str) -> str:
     """Write `Name: value`, folded at spaces if ASCII, RFC 2047-encoded otherwise.
 
     Printable ASCII is kept readable and folded at whitespace. Anything else
     (non-ASCII, other controls, text that looks like an encoded-word, or a
     word too long to fold) is encoded, so that it reads back exactly.
     """
-    _reject_forbidden_characters(value, field)
     if _PLAIN_HEADER_TEXT.match(value) and "=?" not in value:
         folded = _fold_at_spaces(f"{name}: {value}")
         if max(map(len, folded.split(CRLF))) <= MAX_LINE_LENGTH:
@@ -396,61 +248,26 @@ def _fold_at_spaces(line: str) -> str:
     return CRLF.join(lines)
 
 
-def _extra_headers(headers: object) -> list[str]:
-    """Render a job's extra headers, refusing anything that is not a dict of str to str."""
+def _extra_headers(headers: dict[str, str] | None) -> list[str]:
+    """Render a job's extra headers, checked by `check_extra_headers` (one line each)."""
     if headers is None:
         return []
-    if not isinstance(headers, Mapping):
-        raise ValidationError(
-            "headers", f"must be a mapping of header name to text, not {type(headers).__name__}"
-        )
-    lines = []
-    for name, value in headers.items():
-        _check_extra_header(name, value)
-        line = _unstructured_header(name, value, f"headers[{name}]")
-        _check_line_lengths(line, f"headers[{name}]")
-        lines.append(line)
-    return lines
-
-
-def _check_extra_header(name: object, value: object) -> None:
-    if not isinstance(name, str) or not _HEADER_NAME.match(name):
-        raise ValidationError("headers", f"invalid header name {name!r}")
-    if name.lower() in STRUCTURAL_HEADERS:
-        raise ValidationError(
-            "headers", f"{name} is set by mailqd and cannot be given as an extra header"
-        )
-    if not isinstance(value, str):
-        raise ValidationError(f"headers[{name}]", f"value must be text, not {type(value).__name__}")
-
-
-def _normalize_message_id(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValidationError("message_id", f"must be text, not {type(value).__name__}")
-    msg_id = value.strip()
-    if not msg_id.startswith("<"):
-        msg_id = f"<{msg_id}>"
-    if not _MESSAGE_ID.match(msg_id):
-        raise ValidationError("message_id", "must look like <local@domain> in printable ASCII")
-    return msg_id
-
-
-def _reject_forbidden_characters(value: str, field: str) -> None:
-    if _FORBIDDEN_IN_HEADER.search(value):
-        raise HeaderInjectionError(field, "must not contain CR, LF or NUL characters")
-    if _SURROGATE.search(value):
-        raise ValidationError(field, "is not valid Unicode text (lone surrogate)")
+    return [_unstructured_header(name, value) for name, value in headers.items()]
 
 
 def _check_line_lengths(header: str, field: str) -> None:
-    if any(len(line) > MAX_LINE_LENGTH for line in header.split(CRLF)):
+    if len(header) > MAX_LINE_LENGTH and any(
+        len(line) > MAX_LINE_LENGTH for line in header.split(CRLF)
+    ):
         raise ValidationError(field, f"header line longer than {MAX_LINE_LENGTH} characters")
 
 
 def _text_field(value: object, field: str) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise ValidationError(field, f"must be text, not {type(value).__name__}")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be text, not {type(value).__name__}")
+    return value
 
 
 def _aware(now: datetime | None) -> datetime:
@@ -475,8 +292,6 @@ def _body(text: str | None, html: str | None) -> tuple[list[str], bytes]:
             raise MissingContentError("body", "the message has neither a body nor html")
         headers, body = _encode_text_part(text, "plain")
         return headers, body if body.endswith(b"\r\n") or not body else body + b"\r\n"
-    if _SURROGATE.search(html):
-        raise ValidationError("html", "is not valid Unicode text")
     html = sanitize_html(html)
     if text is None:
         text = _text_of_html(html)
@@ -521,7 +336,7 @@ def _encode_text_part(text: str, subtype: str) -> tuple[list[str], bytes]:
         raw = normalized.encode("utf-8")
     except UnicodeEncodeError:
         raise ValidationError(
-            "body" if subtype == "plain" else "html", "is not valid Unicode text"
+            "body" if subtype == "plain" else "html", "is not valid Unicode text (lone surrogate)"
         ) from None
     if _is_7bit(raw):
         cte, body = "7bit", raw.replace(b"\n", b"\r\n")
@@ -539,7 +354,7 @@ def _encode_text_part(text: str, subtype: str) -> tuple[list[str], bytes]:
 
 
 def _is_7bit(raw: bytes) -> bool:
-    if not raw.isascii() or b"\x00" in raw:
+    if not raw.isascii():
         return False
     if len(raw) <= MAX_LINE_LENGTH:
         return True

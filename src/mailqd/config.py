@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -207,10 +206,6 @@ def _validated(settings: Settings) -> Settings:
     return settings
 
 
-_LABEL = r"[^\W_](?:[\w-]{0,61}[^\W_])?"
-_DOMAIN = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*")
-
-
 def parse_domain_rates(text: str) -> dict[str, float]:
     """`"example.com=10, *.example.org=2.5"` → `{"example.com": 10.0, "*.example.org": 2.5}`.
 
@@ -224,12 +219,12 @@ def parse_domain_rates(text: str) -> dict[str, float]:
     for entry in (part.strip() for part in text.split(",")):
         if not entry:
             continue
-        domain, sep, number = (part.strip() for part in entry.partition("="))
-        domain = domain.lower().rstrip(".")
+        name, sep, number = (part.strip() for part in entry.partition("="))
         if not sep:
             raise ConfigError("domain_rate_limits", f"{entry!r} is not DOMAIN=RATE")
-        if not _DOMAIN.fullmatch(domain) or len(domain) > 253:
-            raise ConfigError("domain_rate_limits", f"{entry!r}: {domain!r} is not a domain name")
+        domain = _rate_limited_domain(name)
+        if domain is None:
+            raise ConfigError("domain_rate_limits", f"{entry!r}: {name!r} is not a domain name")
         try:
             rate = float(number)
         except ValueError:
@@ -243,6 +238,18 @@ def parse_domain_rates(text: str) -> dict[str, float]:
             raise ConfigError("domain_rate_limits", f"{domain!r} is listed twice")
         rates[domain] = rate
     return rates
+
+
+def _rate_limited_domain(name: str) -> str | None:
+    """`name` lower-cased in A-labels, as recipients' domains are sent and compared;
+    None if it is no DNS name (`mailqd.rules.domains`, the rule for every domain)."""
+    from mailqd.rules.domains import ascii_dns_name, is_dns_name
+
+    wildcard, bare = ("*.", name[2:]) if name.startswith("*.") else ("", name)
+    ascii_name = ascii_dns_name(bare.lower().rstrip("."))
+    if not ascii_name or not is_dns_name(ascii_name):
+        return None
+    return wildcard + ascii_name.lower()
 
 
 def _check_listen(value: str) -> None:

@@ -21,8 +21,10 @@ import structlog
 
 from mailqd.config import Settings
 from mailqd.credentials import scrub, secrets_of
+from mailqd.errors import ValidationError
+from mailqd.rules import parse_address_list
 
-__all__ = ["configure_logging", "mask_address", "mask_addresses_in"]
+__all__ = ["configure_logging", "mask_address", "mask_address_list", "mask_addresses_in"]
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -38,20 +40,47 @@ _ADDRESS_IN_TEXT = re.compile(r"[^\s<>\"'(),;:@]+@[A-Za-z0-9.\-\[\]]+")
 def mask_address(address: str) -> str:
     """`alice@example.com` → `a***@example.com`: enough to tell domains apart, no more.
 
-    A display name is dropped, since it is as personal as the address.
+    A display name is dropped, since it is as personal as the address. Text
+    that is not one address (by `mailqd.rules`) has each address-like token
+    in it masked instead, or is `***`: nothing is shown unmasked.
     """
-    addr = address.strip()
-    if "<" in addr and addr.endswith(">"):
-        addr = addr[addr.rindex("<") + 1 : -1]
-    local, at, domain = addr.rpartition("@")
-    if not at:
-        return "***"
-    return f"{local[:1]}***@{domain}" if local else f"***@{domain}"
+    found = _addr_specs(address)
+    if found is None or len(found) != 1:
+        return mask_addresses_in(address.strip()) if "@" in address else "***"
+    return _mask_token(found[0])
+
+
+def mask_address_list(addresses: str | None) -> list[str]:
+    """Each address of an address list, masked, found as the composer finds them.
+
+    A list the composer would refuse is shown as one masked text, not guessed at
+    (a comma inside a quoted name does not split it; a smuggled address is masked).
+    """
+    if not addresses:
+        return []
+    found = _addr_specs(addresses)
+    if found is None:
+        return [mask_addresses_in(addresses.strip())]
+    return [_mask_token(addr) for addr in found]
 
 
 def mask_addresses_in(text: str) -> str:
     """Mask every address-like token in free text (an SMTP reply, an error message)."""
-    return _ADDRESS_IN_TEXT.sub(lambda match: mask_address(match.group(0)), text)
+    return _ADDRESS_IN_TEXT.sub(lambda match: _mask_token(match.group(0)), text)
+
+
+def _addr_specs(text: str) -> list[str] | None:
+    try:
+        return [address.addr_spec for address in parse_address_list("address", text)]
+    except ValidationError:
+        return None
+
+
+def _mask_token(addr: str) -> str:
+    local, at, domain = addr.rpartition("@")
+    if not at:
+        return "***"
+    return f"{local[:1]}***@{domain}" if local else f"***@{domain}"
 
 
 def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:

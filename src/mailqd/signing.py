@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from dkim.crypto import UnparsableKeyError, parse_pem_private_key
 
 from mailqd.errors import ConfigError, ValidationError
+from mailqd.rules.domains import is_dns_name
 
 if TYPE_CHECKING:
     from mailqd.config import Settings
@@ -44,8 +45,6 @@ SIGNED_HEADERS = (
     "Content-Type",
 )  # fmt: skip
 _KEYS = ("dkim_domain", "dkim_selector", "dkim_key_file")
-_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-_DNS_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\Z")
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN [A-Z ]*PRIVATE KEY-----\n.*?\n-----END [A-Z ]*PRIVATE KEY-----", re.DOTALL
 )
@@ -82,7 +81,7 @@ class DkimSigner:
                 f"{', '.join(given)} set but {', '.join(missing)} missing",
             )
         for key in ("dkim_domain", "dkim_selector"):
-            if not _DNS_NAME.match(values[key]):
+            if not is_dns_name(values[key]):
                 raise ConfigError(key, f"must be a DNS name in ASCII, got {values[key]!r}")
         return cls(
             domain=values["dkim_domain"].lower(),

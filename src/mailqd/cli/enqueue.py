@@ -25,6 +25,7 @@ import click
 from mailqd.cli.context import Context, json_option, reports_errors
 from mailqd.cli.output import Output
 from mailqd.errors import ValidationError
+from mailqd.rules import MAX_ATTEMPTS_RANGE, PRIORITY_RANGE
 from mailqd.secrets import load_secret_box, seal_variables
 from mailqd.validation import Limits, build_job
 
@@ -104,7 +105,7 @@ def _read_text(path: Path | None, option: str) -> str | None:
 @click.option(
     "--header", "headers", multiple=True, callback=_headers, help="Extra header 'Name: value'."
 )
-@click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True)
+@click.option("--priority", type=click.IntRange(*PRIORITY_RANGE), default=0, show_default=True)
 @click.option(
     "--send-after",
     metavar="TIME",
@@ -114,7 +115,9 @@ def _read_text(path: Path | None, option: str) -> str | None:
 @click.option(
     "--expires-at", metavar="TIME", callback=_when, help="Fail instead of sending after this time."
 )
-@click.option("--max-attempts", type=click.IntRange(min=1), help="Attempts for this job.")
+@click.option(
+    "--max-attempts", type=click.IntRange(*MAX_ATTEMPTS_RANGE), help="Attempts for this job."
+)
 @click.option("--idempotency-key", help="Queue at most one job for this key.")
 @json_option
 @click.pass_obj
@@ -226,17 +229,23 @@ def _read_message(path: str) -> bytes:
 
 
 def _parse_message(data: bytes) -> _Content:
-    """Take the headers and text parts mailqd keeps; refuse what it cannot send as it is."""
+    """Take the headers and text parts mailqd keeps; refuse what it cannot send as it is.
+
+    Address headers are taken as written (unfolded, UTF-8 per RFC 6532) and
+    left to `build_job`'s parser, the daemon's: the stdlib's lenient one
+    would turn `attacker@gmail.co m <victim@example.com>` into other
+    recipients than the ones the daemon would find.
+    """
     message = BytesParser(policy=policy.default).parsebytes(data)
     assert isinstance(message, EmailMessage)
     body, html = _text_parts(message)
     subject = _header(message, "Subject")
     return _Content(
-        to=_all_headers(message, "To"),
-        cc=_all_headers(message, "Cc"),
-        bcc=_all_headers(message, "Bcc"),
-        from_address=_header(message, "From"),
-        reply_to=_header(message, "Reply-To"),
+        to=_raw_headers(message, "To"),
+        cc=_raw_headers(message, "Cc"),
+        bcc=_raw_headers(message, "Bcc"),
+        from_address=_one(_raw_headers(message, "From"), "From"),
+        reply_to=_one(_raw_headers(message, "Reply-To"), "Reply-To"),
         subject=subject or "",
         body=body,
         html=html,
@@ -250,8 +259,25 @@ def _all_headers(message: EmailMessage, name: str) -> list[str]:
         raise ValidationError(name.lower(), f"cannot parse the {name} header: {exc}") from None
 
 
+def _raw_headers(message: EmailMessage, name: str) -> list[str]:
+    """Every `name` header's value as the file holds it, unfolded."""
+    values = []
+    for key, value in message.raw_items():
+        if key.lower() != name.lower():
+            continue
+        raw = _UNFOLD.sub("", str(value)).strip(" \t")
+        try:  # the parser keeps 8-bit bytes as surrogate escapes
+            values.append(raw.encode("ascii", "surrogateescape").decode("utf-8"))
+        except UnicodeError:
+            raise ValidationError(name.lower(), f"the {name} header is not UTF-8") from None
+    return values
+
+
 def _header(message: EmailMessage, name: str) -> str | None:
-    values = _all_headers(message, name)
+    return _one(_all_headers(message, name), name)
+
+
+def _one(values: list[str], name: str) -> str | None:
     if len(values) > 1:
         raise ValidationError(name.lower(), f"the message has {len(values)} {name} headers")
     return values[0] if values else None
@@ -275,3 +301,4 @@ def _text_parts(message: EmailMessage) -> tuple[str | None, str | None]:
 
 
 _TEXT_KINDS = ("text/plain", "text/html")
+_UNFOLD = re.compile(r"\r?\n(?=[ \t])")

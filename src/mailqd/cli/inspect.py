@@ -276,9 +276,9 @@ def _render_failed(jobs: list[Job], default_max: int) -> RenderableType:
 
 
 def _masked_list(recipients: str | None) -> list[str]:
-    from mailqd.logging import mask_address  # here: mailqd.logging loads structlog, slow
+    from mailqd.logging import mask_address_list  # here: mailqd.logging loads structlog, slow
 
-    return [mask_address(a) for a in (recipients or "").split(",") if a.strip()]
+    return mask_address_list(recipients)
 
 
 def _masked_text(text: str | None) -> str | None:

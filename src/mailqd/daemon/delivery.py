@@ -29,14 +29,15 @@ from mailqd.errors import (
     TransientDeliveryError,
     ValidationError,
 )
-from mailqd.logging import mask_address, mask_addresses_in
+from mailqd.logging import mask_address_list, mask_addresses_in
 from mailqd.models import Job, Outcome
+from mailqd.rules import Limits
+from mailqd.rules.rows import check_claimed_row
 from mailqd.secrets import SecretBox, unseal_variables
 from mailqd.signing import DkimSigner
 from mailqd.store import Completion
 from mailqd.templates import render
 from mailqd.transport import SendResult, Transport
-from mailqd.validation import Limits
 
 __all__ = ["Deliverer"]
 
@@ -135,23 +136,23 @@ class Deliverer:
         )
 
     def _refuse_before_sending(self, attempt: _Attempt) -> Completion | None:
-        """Jobs that must not be sent at all: out of attempts, or past their expiry.
+        """Jobs that must not be sent at all: out of the rules, out of attempts, or expired.
 
-        A row written by plain SQL may allow no attempt at all (`max_attempts`
-        below 1): it fails saying so, rather than being sent with the default
-        budget (0) or failing as "gave up after 0 attempts" (negative).
+        A row written by plain SQL may hold what the client would have
+        refused (`mailqd.rules.rows`: a `max_attempts` of 0 or 3,000,000,000,
+        a priority out of range, a 2,000-character Message-ID, NUL in the
+        variables): it fails at once, its `last_error` naming the column,
+        rather than being sent with a budget nobody meant.
         A job can be claimed with no attempts left when its earlier attempts
         were interrupted (the worker was killed and the lease rescued): it
         fails here instead of being sent once more. Expiry is judged at the
         claim's time, by the database clock the claim stamped on the row.
         """
         job = attempt.job
-        if attempt.max_attempts < 1:
-            return self._completion(
-                attempt,
-                Outcome.FAILED,
-                error=f"max_attempts must be at least 1, got {attempt.max_attempts}",
-            )
+        try:
+            check_claimed_row(job)
+        except ValidationError as exc:
+            return self._completion(attempt, Outcome.FAILED, error=str(exc))
         if job.attempts >= attempt.max_attempts:
             reason = job.last_error or "no error recorded"
             return self._completion(
@@ -332,7 +333,7 @@ def _log_attempt(attempt: _Attempt, completion: Completion) -> None:
     is_enabled_for = getattr(log, "is_enabled_for", None)
     if is_enabled_for is not None and not is_enabled_for(_LEVEL_NUMBER[level]):
         return
-    recipients = [a.strip() for a in (attempt.job.recipient_to or "").split(",") if a.strip()]
+    recipients = mask_address_list(attempt.job.recipient_to)
     fields: dict[str, object] = {
         "job_id": completion.job_id,
         "attempt": completion.attempt,
@@ -341,7 +342,7 @@ def _log_attempt(attempt: _Attempt, completion: Completion) -> None:
         "smtp_code": completion.smtp_code,
         "duration_ms": round(completion.duration_seconds * 1000, 1),
         "worker": completion.owner,
-        "to": [mask_address(a) for a in recipients[:_LOGGED_RECIPIENTS]],
+        "to": recipients[:_LOGGED_RECIPIENTS],
     }
     if len(recipients) > _LOGGED_RECIPIENTS:
         fields["to_more"] = len(recipients) - _LOGGED_RECIPIENTS

@@ -43,13 +43,13 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from email.utils import getaddresses
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from mailqd.models import Job, Outcome, Status
+from mailqd.rules import envelope_addresses
 from mailqd.store import buckets
 from mailqd.store.schema import add_seconds, dedup, email_attempts, email_queue, recipient_counts
 
@@ -151,16 +151,22 @@ class ScreenedClaim:
 
 
 def recipients_of(job: Job) -> list[str]:
-    """The job's To, Cc and Bcc addresses, lower-cased, each once, sorted.
+    """The job's To, Cc and Bcc envelope addresses, lower-cased, each once, sorted.
 
-    Parsed leniently: a row whose addresses do not parse is refused later
-    by the composer, and here just yields whatever the parser made of it.
+    Parsed by the composer's own parser (`mailqd.rules`), so these are the
+    addresses the message would go to, domains in A-labels as sent. A
+    field that is no address list is refused later by the composer; here
+    it counts as its text, so one odd row never stops a claim.
     """
-    fields = [str(value) for value in (job.recipient_to, job.cc, job.bcc) if value]
-    try:
-        found = {addr.strip().lower() for _, addr in getaddresses(fields) if addr.strip()}
-    except Exception:  # never let one odd row stop a claim; compare the text as it is
-        found = {value.strip().lower() for value in fields}
+    found: set[str] = set()
+    for value in (job.recipient_to, job.cc, job.bcc):
+        if not value:
+            continue
+        addresses = envelope_addresses(value)
+        if addresses is None:
+            found.add(str(value).strip().lower())
+        else:
+            found.update(addr.lower() for addr in addresses)
     return sorted(found)
 
 
