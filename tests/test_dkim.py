@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ctl_process import error_line, invoke, ok_json
 from daemon_process import DaemonPool
-from mailqd import Client
+from mailqd import Client, signing
 from mailqd.config import Settings
 from mailqd.errors import ConfigError
 from mailqd.models import Status
@@ -164,6 +164,23 @@ def test_signing_uses_the_openssl_rsa_step(key_file: Path) -> None:
     signer = DkimSigner.from_settings(Settings(**settings_for(key_file)))
     assert signer is not None
     assert dkim.RSASSA_PKCS1_v1_5_sign is rsassa_pkcs1_v1_5_sign
+    again = DkimSigner.from_settings(Settings(**settings_for(key_file)))  # installed once
+    assert again is not None and dkim.RSASSA_PKCS1_v1_5_sign is rsassa_pkcs1_v1_5_sign
+
+
+def test_signing_really_takes_the_openssl_fast_path(key_file: Path) -> None:
+    """Installing the hook proves nothing if dkimpy stopped calling it by that name: the
+    OpenSSL key cache is filled only from inside the hook, so after a sign it holds the
+    key. The signature still verifies with dkimpy's own (pure-Python) RSA."""
+    signer = DkimSigner.from_settings(Settings(**settings_for(key_file)))
+    assert signer is not None
+    modulus = dkim.crypto.parse_pem_private_key(signer.private_key)["modulus"]
+    signing._OPENSSL_KEYS.clear()
+
+    signed = signer.sign(COMPOSED)
+
+    assert list(signing._OPENSSL_KEYS) == [modulus]
+    assert dkim.verify(signed, dnsfunc=dns_answering(signer.dns_record_value()))
 
 
 COMPOSED = (

@@ -181,7 +181,19 @@ def _use_openssl_for_rsa() -> None:
 
     dkimpy looks the function up by name in its package when it signs; its
     own stays in `dkim.crypto`, untouched, for verifying and for the test.
+    Installed once (later calls find it in place). A dkimpy that no longer
+    signs through that name would silently take ~70 times longer per
+    message, so that is refused here, at start (dkimpy is pinned to the
+    tested range; tests/test_dkim.py checks the fast path is taken).
     """
+    current = getattr(dkim, "RSASSA_PKCS1_v1_5_sign", None)
+    if current is rsassa_pkcs1_v1_5_sign:
+        return
+    if current is None or current is not getattr(dkim.crypto, "RSASSA_PKCS1_v1_5_sign", None):
+        raise RuntimeError(
+            "dkimpy no longer signs through dkim.RSASSA_PKCS1_v1_5_sign; "
+            "mailqd's OpenSSL RSA step cannot be installed (see mailqd.signing)"
+        )
     dkim.RSASSA_PKCS1_v1_5_sign = rsassa_pkcs1_v1_5_sign
 
 
