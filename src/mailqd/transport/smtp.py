@@ -45,16 +45,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import ssl
 
 import aiosmtplib
-from aiosmtplib import (
-    SMTPException,
-    SMTPHeloError,
-    SMTPResponseException,
-    SMTPServerDisconnected,
-    SMTPTimeoutError,
-)
+from aiosmtplib import SMTPHeloError
 
 from mailqd.compose import OutgoingMessage
 from mailqd.errors import (
@@ -65,29 +58,20 @@ from mailqd.errors import (
 )
 from mailqd.transport.base import SendResult
 from mailqd.transport.commands import data_payload, mail_line, rcpt_line
+from mailqd.transport.failures import Refused, describe, server_reply
 from mailqd.transport.redaction import ReplyCleaner
 from mailqd.transport.replies import (
-    BadReply,
     ConnectionClosed,
     OutOfTurnReply,
     Reply,
     ReplyError,
     ReplyReader,
-    ReplyTimeout,
 )
 from mailqd.transport.settings import SmtpSettings, StartTLS
 
 __all__ = ["SmtpTransport"]
 
 SERVICE_CLOSING = 421  # RFC 5321: the server is shutting this connection down
-
-
-class _Refused(Exception):
-    """A reply other than the one the step needs, raised to be translated."""
-
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(reply.code)
-        self.reply = reply
 
 
 class _Phase(enum.Enum):
@@ -280,13 +264,13 @@ class SmtpTransport:
             reader.send(b"".join([mail, *rcpts, b"DATA\r\n"]), len(rcpts) + 2)
         reply = await self._reply_to(reader, mail)
         if reply.code != 250:
-            raise _Refused(reply)
+            raise Refused(reply)
         self._phase = _Phase.RCPT
         refused: dict[str, tuple[int, str]] = {}
         for recipient, rcpt in zip(recipients, rcpts, strict=True):
             reply = await self._reply_to(reader, rcpt)
             if reply.code == SERVICE_CLOSING:  # the whole session is over, not one recipient
-                raise _Refused(reply)
+                raise Refused(reply)
             if reply.code not in (250, 251):
                 refused[recipient] = reply
         if len(refused) == len(recipients):
@@ -294,7 +278,7 @@ class SmtpTransport:
         self._phase = _Phase.DATA
         reply = await self._reply_to(reader, b"DATA\r\n")
         if reply.code != 354:
-            raise _Refused(reply)
+            raise Refused(reply)
         return refused
 
     async def _reply_to(self, reader: ReplyReader, command: bytes) -> Reply:
@@ -309,7 +293,7 @@ class SmtpTransport:
         self._phase = _Phase.DATA_SENT
         reply = await reader.reply(self._settings.timeouts.data)
         if not 200 <= reply.code < 300:
-            raise _Refused(reply)
+            raise Refused(reply)
         return reply
 
     def _all_refused(self, refused: dict[str, tuple[int, str]]) -> DeliveryError:
@@ -325,9 +309,9 @@ class SmtpTransport:
     def _translate(self, exc: Exception) -> DeliveryError:
         """Map a reply, aiosmtplib, TLS or socket error to what the daemon should do next."""
         phase = self._phase
-        code, text = _reply(exc)
+        code, text = server_reply(exc)
         self._stale = code == SERVICE_CLOSING or isinstance(exc, ConnectionError)
-        detail = self._clean(_describe(exc))
+        detail = self._clean(describe(exc))
         text = self._clean(text) if text is not None else None
         if isinstance(exc, OutOfTurnReply) and not phase.is_setup:
             return AmbiguousDeliveryError(
@@ -374,36 +358,3 @@ class SmtpTransport:
             with contextlib.suppress(ReplyError):
                 self._reader.send(b"QUIT\r\n", 1)
         self._drop()
-
-
-def _reply(exc: Exception) -> tuple[int | None, str | None]:
-    """The server's reply carried by an exception, if it was a real SMTP reply."""
-    if isinstance(exc, _Refused):
-        return exc.reply
-    if isinstance(exc, SMTPResponseException) and 200 <= exc.code < 600:
-        return exc.code, exc.message
-    return None, None
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, _Refused):
-        return f"{exc.reply.code} {exc.reply.text}"
-    if isinstance(exc, ReplyTimeout):
-        return f"timed out ({exc})"
-    if isinstance(exc, ConnectionClosed):
-        return f"connection closed ({exc})"
-    if isinstance(exc, BadReply):
-        return f"malformed reply ({exc})"
-    if isinstance(exc, ReplyError):
-        return str(exc)
-    if isinstance(exc, SMTPResponseException):
-        return f"{exc.code} {exc.message}"
-    if isinstance(exc, SMTPTimeoutError):
-        return f"timed out ({exc.message})"
-    if isinstance(exc, SMTPServerDisconnected):
-        return f"connection closed ({exc.message})"
-    if isinstance(exc, SMTPException):
-        return exc.message
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate not trusted ({exc.verify_message}); tls_verify=false skips this"
-    return f"{type(exc).__name__}: {exc}"
