@@ -4,14 +4,17 @@ Once a connection is set up (greeting, EHLO, STARTTLS, AUTH, done by
 aiosmtplib), `ReplyReader` takes the connection over with the public
 `asyncio.BaseTransport.set_protocol` and reads every reply of the mail
 transactions itself. It knows how many commands are outstanding, since
-mailqd writes them (`expect`), so it can hold the server to the protocol:
+mailqd writes them (`send`), so it can hold the server to the protocol:
 
 - A reply, or any byte, that arrives when no command is outstanding is out
   of turn: an early `250` right after `354`, a second reply after the one to
   the final dot, a reply to a command not yet sent, or anything sent while
   the connection is idle. The reader then stops reading, drops what it
-  buffered and closes the connection; whoever waits gets `OutOfTurnReply`.
-  A stray reply is never held over for the next command or the next job.
+  buffered beyond the replies awaited and closes the connection. The
+  replies that came in turn are still handed out, so `OutOfTurnReply` is
+  raised at the step it concerns: the next write, the read past them, or
+  `check`, called after the last reply of a transaction. A stray reply is
+  never held over for the next command or the next job.
 - One reply may hold at most `MAX_REPLY_BYTES` (continuation lines
   included), and nothing is buffered beyond the replies awaited: memory per
   connection is bounded by (commands outstanding) x `MAX_REPLY_BYTES`,
@@ -100,11 +103,16 @@ class ReplyReader(asyncio.Protocol):
         self._transport.write(data)  # type: ignore[attr-defined]
 
     async def reply(self, timeout: float) -> Reply:
-        """The next reply, in order; raises a `ReplyError` if none can be read."""
-        if self._error is not None:
-            raise self._error
+        """The next reply, in order; raises a `ReplyError` if none can be read.
+
+        Replies that arrived in turn are still handed out after a failure, so
+        the error surfaces at the step it concerns (an early `250` after `354`
+        fails the content's write, not MAIL's reply).
+        """
         if self._ready:
             return self._ready.popleft()
+        if self._error is not None:
+            raise self._error
         waiter = self._waiter = self._loop.create_future()
         timer = self._loop.call_later(timeout, self._timed_out, waiter)
         try:
@@ -112,9 +120,19 @@ class ReplyReader(asyncio.Protocol):
         finally:
             timer.cancel()
             self._waiter = None
-        if self._error is not None:
-            raise self._error
+        if not self._ready:
+            raise self._error or ConnectionClosed("woken with no reply")
         return self._ready.popleft()
+
+    @property
+    def out_of_turn(self) -> OutOfTurnReply | None:
+        """What the server sent out of turn on this connection, if it did."""
+        return self._error if isinstance(self._error, OutOfTurnReply) else None
+
+    def check(self) -> None:
+        """Raise `OutOfTurnReply` if the server has sent anything out of turn so far."""
+        if isinstance(self._error, OutOfTurnReply):
+            raise self._error
 
     def close(self, reason: str = "closed by mailqd") -> None:
         """Stop using the connection and close it (pending writes are flushed first)."""
@@ -186,7 +204,6 @@ class ReplyReader(asyncio.Protocol):
             return
         self._error = error
         self._buffer.clear()
-        self._ready.clear()
         self._transport.close()
         self._wake()
 

@@ -175,7 +175,10 @@ class SmtpTransport:
             refused = await self._envelope(reader, message, options)
             reply = await self._send_content(reader, payload)
         except BaseException as exc:
+            stray = self._reader.out_of_turn if self._reader is not None else None
             self._drop()
+            if isinstance(exc, Exception) and stray is not None:  # replies cannot be trusted
+                raise self._translate(stray) from None
             if isinstance(exc, Exception) and not isinstance(exc, DeliveryError):
                 raise self._translate(exc) from None  # the cause may hold raw server text
             raise
@@ -294,6 +297,7 @@ class SmtpTransport:
         reply = await reader.reply(self._settings.timeouts.data)
         if not 200 <= reply.code < 300:
             raise Refused(reply)
+        reader.check()  # a second reply came with this one: which one is the verdict?
         return reply
 
     def _all_refused(self, refused: dict[str, tuple[int, str]]) -> DeliveryError:
