@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -327,7 +328,10 @@ def worker_settings(db_url: str, smtp_url: str, **changes: Any) -> Settings:
     return Settings().replace(**values)
 
 
-async def work_until(store: Store, settings: Settings, done: Callable[[Any], bool]) -> None:
+@contextlib.asynccontextmanager
+async def working(store: Store, settings: Settings) -> AsyncIterator[Worker]:
+    """An in-process worker running in the background until the block ends."""
+
     def transport() -> Any:
         return transport_from_url(settings.smtp_url, timeout=settings.smtp_timeout)
 
@@ -335,10 +339,15 @@ async def work_until(store: Store, settings: Settings, done: Callable[[Any], boo
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:
-        await worker.wait_until(done, DEADLINE)
+        yield worker
     finally:
         stop.set()
         await asyncio.wait_for(task, DEADLINE)
+
+
+async def work_until(store: Store, settings: Settings, done: Callable[[Any], bool]) -> None:
+    async with working(store, settings) as worker:
+        await worker.wait_until(done, DEADLINE)
 
 
 def enqueue_two(store: Store) -> list[str]:
@@ -413,3 +422,28 @@ def test_worker_stores_escape_sequences_escaped(store: Store, db_url: str) -> No
     for text in (failed.last_error, attempt.smtp_text):
         assert_clean(text)
         assert ESCAPED in (text or "")
+
+
+def test_worker_memory_stays_flat_under_an_idle_flood_and_the_next_job_is_sent(
+    store: Store, db_url: str
+) -> None:
+    [first_id] = store.enqueue_many([build_job(to="first@example.com", subject="1", body="hi")])
+
+    async def scenario() -> tuple[str, int, int]:
+        async with ScriptedRelay(Script(flood="IDLE")) as relay:
+            async with working(store, worker_settings(db_url, relay.url())) as worker:
+                await worker.wait_until(lambda t: t.sent >= 1, DEADLINE)
+                before = rss_bytes()
+                relay.poke.set()
+                await hung_up(relay.connections[0])
+                job = build_job(to="next@example.com", subject="2", body="hi")
+                [next_id] = store.enqueue_many([job])
+                await worker.wait_until(lambda t: t.sent >= 2, DEADLINE)
+                grown = rss_bytes() - before
+            return next_id, grown, relay.connections[0].flooded
+
+    next_id, grown, flooded = run(scenario)
+
+    assert flooded > 0
+    assert grown < 16 * 1024 * 1024
+    assert outcomes(store, [first_id, next_id]) == [[Outcome.SENT], [Outcome.SENT]]
