@@ -654,8 +654,9 @@ def test_mail_rcpt_and_data_go_out_together_and_replies_that_arrive_together_are
 
 
 def test_many_recipients_replies_arriving_together_are_not_taken_for_one_long_reply() -> None:
-    """400 RCPT replies of 100 bytes arrive in one write: 40 KB, more than aiosmtplib's
-    32 KB limit for one reply, which must apply to each reply, not to the lot."""
+    """400 RCPT replies of 100 bytes arrive in one write: 40 KB, more than the reader's
+    8 KB limit for one reply (MAX_REPLY_BYTES), which applies to each reply awaited,
+    not to the lot."""
     server = _StrictPipeliningServer(offer=True, ok=b"250 2.1.5 " + b"x" * 90)
     recipients = [f"r{n}@example.com" for n in range(400)]
 
