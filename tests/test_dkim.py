@@ -8,6 +8,7 @@ would prove nothing.
 
 from __future__ import annotations
 
+import email
 import hashlib
 import re
 from pathlib import Path
@@ -19,11 +20,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from ctl_process import error_line, invoke, ok_json
 from daemon_process import DaemonPool
-from mailqd import Client
+from mailqd import Client, signing
 from mailqd.config import Settings
 from mailqd.errors import ConfigError
 from mailqd.models import Status
-from mailqd.signing import DkimSigner, rsassa_pkcs1_v1_5_sign
+from mailqd.signing import (
+    SIGNED_HEADERS,
+    DkimSigner,
+    rsassa_pkcs1_v1_5_sign,
+    signed_header_names,
+)
 from mailqd.store import Store
 from smtp_server import SmtpServer, smtp_server_fixture
 from test_daemon_e2e import daemon_env, stop, wait_all
@@ -158,6 +164,100 @@ def test_signing_uses_the_openssl_rsa_step(key_file: Path) -> None:
     signer = DkimSigner.from_settings(Settings(**settings_for(key_file)))
     assert signer is not None
     assert dkim.RSASSA_PKCS1_v1_5_sign is rsassa_pkcs1_v1_5_sign
+    again = DkimSigner.from_settings(Settings(**settings_for(key_file)))  # installed once
+    assert again is not None and dkim.RSASSA_PKCS1_v1_5_sign is rsassa_pkcs1_v1_5_sign
+
+
+def test_signing_really_takes_the_openssl_fast_path(key_file: Path) -> None:
+    """Installing the hook proves nothing if dkimpy stopped calling it by that name: the
+    OpenSSL key cache is filled only from inside the hook, so after a sign it holds the
+    key. The signature still verifies with dkimpy's own (pure-Python) RSA."""
+    signer = DkimSigner.from_settings(Settings(**settings_for(key_file)))
+    assert signer is not None
+    modulus = dkim.crypto.parse_pem_private_key(signer.private_key)["modulus"]
+    signing._OPENSSL_KEYS.clear()
+
+    signed = signer.sign(COMPOSED)
+
+    assert list(signing._OPENSSL_KEYS) == [modulus]
+    assert dkim.verify(signed, dnsfunc=dns_answering(signer.dns_record_value()))
+
+
+COMPOSED = (
+    b"From: Shop <shop@example.com>\r\nTo: alice@example.com\r\nSubject: Your receipt\r\n"
+    b"Date: Tue, 01 Dec 2026 21:00:00 +0000\r\nMessage-ID: <r1@example.com>\r\n"
+    b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nTotal: 10 EUR\r\n"
+)
+ADDED_ABOVE = [
+    b"Subject: Your account is locked, log in at evil.example",
+    b"From: Bank <security@bank.example>",
+    b"To: someone-else@example.com",
+    b"Date: Mon, 01 Jan 2035 00:00:00 +0000",
+    b"Message-ID: <forged@example.com>",
+    b"Reply-To: thief@evil.example",
+    b"Cc: thief@evil.example",
+]
+
+
+def fields_named(data: bytes, name: str) -> list[str]:
+    return email.message_from_bytes(data).get_all(name) or []
+
+
+def add_above_the_signed_headers(signed: bytes, field: bytes) -> bytes:
+    """`field` inserted right after the DKIM-Signature, above every header it signs
+    (where a mail client finds, and shows, the first Subject or From)."""
+    signature_end = re.search(rb"\r\n(?![ \t])", signed)
+    assert signature_end is not None
+    cut = signature_end.end()
+    return signed[:cut] + field + b"\r\n" + signed[cut:]
+
+
+@pytest.mark.parametrize("field", ADDED_ABOVE, ids=lambda f: f.split(b":")[0].decode())
+def test_a_displayed_header_added_above_the_signed_one_breaks_the_signature(
+    key_file: Path, field: bytes
+) -> None:
+    """RFC 6376 section 8.15: without oversigning, a verifier checks the bottom-most Subject
+    (the signed one) and passes the message whose top Subject the reader sees."""
+    signer = DkimSigner.from_settings(Settings(**settings_for(key_file)))
+    assert signer is not None
+    dnsfunc = dns_answering(signer.dns_record_value())
+    signed = signer.sign(COMPOSED)
+    assert dkim.verify(signed, dnsfunc=dnsfunc)
+
+    tampered = add_above_the_signed_headers(signed, field)
+    name = field.split(b":")[0].decode()
+    assert len(fields_named(tampered, name)) == len(fields_named(COMPOSED, name)) + 1
+    assert not dkim.verify(tampered, dnsfunc=dnsfunc)
+
+    signed_once = dkim.sign(  # what mailqd did before: each header listed once
+        COMPOSED, SELECTOR.encode(), DOMAIN.encode(), signer.private_key,
+        canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=[name.encode() for name in SIGNED_HEADERS],
+    ) + COMPOSED  # fmt: skip
+    # Present once, the forgery used to pass (dkimpy's verifier itself checks for a second
+    # From, other verifiers need not; for the absent Cc and Reply-To it never did).
+    if fields_named(COMPOSED, name) and name != "From":
+        assert dkim.verify(add_above_the_signed_headers(signed_once, field), dnsfunc=dnsfunc)
+
+
+def test_h_lists_each_displayed_header_once_more_than_it_occurs(key_file: Path) -> None:
+    signer = DkimSigner.from_settings(Settings(**settings_for(key_file)))
+    assert signer is not None
+    signed = signer.sign(COMPOSED)
+    h = re.search(rb"h=([^;]*);", signed.split(b"\r\n\r\n")[0].replace(b"\r\n", b""))
+    assert h is not None
+    names = [name.strip() for name in h.group(1).replace(b" ", b"").split(b":")]
+    assert names == [
+        b"from", b"from", b"to", b"to", b"cc", b"subject", b"subject", b"date", b"date",
+        b"message-id", b"message-id", b"reply-to", b"mime-version", b"content-type",
+    ]  # fmt: skip
+    two_subjects = COMPOSED.replace(b"Subject: Your", b"Subject: A\r\nsubject : Your")
+    assert signed_header_names(two_subjects).count(b"subject") == 3
+    assert signed_header_names(b"From: a@x\r\n\r\nSubject: in the body\r\n")[:3] == [
+        b"from",
+        b"from",
+        b"to",
+    ]
 
 
 def test_no_dkim_keys_means_no_signing() -> None:

@@ -174,3 +174,34 @@ def test_every_exposed_metric_is_documented_and_the_seed_names_are_there(
         if name.startswith("mailqd_") and not (names | {name}) & documented
     }
     assert not undocumented
+
+
+CONTRACT_SCRIPT = """
+import sys
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.multiprocess import MultiProcessCollector
+from mailqd.metrics import use_multiprocess_dir
+use_multiprocess_dir(sys.argv[1])
+Counter("contract_probe", "probe", registry=None).inc(3)
+registry = CollectorRegistry()
+MultiProcessCollector(registry, path=sys.argv[1])
+print(registry.get_sample_value("contract_probe_total"))
+"""
+
+
+def test_prometheus_client_contract_the_value_class_swap_reaches_new_metrics(
+    tmp_path: Path,
+) -> None:
+    """`use_multiprocess_dir` replaces prometheus-client's `values.ValueClass`, which its
+    metrics read when created (pinned to the tested range in pyproject.toml). Run in a
+    child process, as the swap is process-wide: a counter made after it writes to the
+    directory's files, and the sidecar's collector reads them back."""
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", CONTRACT_SCRIPT, str(tmp_path)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "3.0"
+    assert [path.name.split("_")[0] for path in tmp_path.iterdir()] == ["counter"]

@@ -654,8 +654,9 @@ def test_mail_rcpt_and_data_go_out_together_and_replies_that_arrive_together_are
 
 
 def test_many_recipients_replies_arriving_together_are_not_taken_for_one_long_reply() -> None:
-    """400 RCPT replies of 100 bytes arrive in one write: 40 KB, more than aiosmtplib's
-    32 KB limit for one reply, which must apply to each reply, not to the lot."""
+    """400 RCPT replies of 100 bytes arrive in one write: 40 KB, more than the reader's
+    8 KB limit for one reply (MAX_REPLY_BYTES), which applies to each reply awaited,
+    not to the lot."""
     server = _StrictPipeliningServer(offer=True, ok=b"250 2.1.5 " + b"x" * 90)
     recipients = [f"r{n}@example.com" for n in range(400)]
 
@@ -688,3 +689,39 @@ def test_pipelining_false_in_the_url_sends_one_command_at_a_time() -> None:
     error = server.run(lambda url: refused(smtp(url + one_by_one), TransientDeliveryError))
     assert "MAIL FROM failed: timed out" in str(error)
     assert server.batches == []
+
+
+# --- what mailqd relies on in aiosmtplib (pinned in pyproject.toml) -----------------------
+
+
+def test_aiosmtplib_contract_the_public_members_the_transport_uses() -> None:
+    """The transport uses aiosmtplib for set-up only, through these public members; the
+    reply reader then takes the connection over from `SMTP.transport`. A release that
+    changes them fails here, not in production (the pin is the tested major)."""
+    import inspect
+
+    import aiosmtplib
+
+    for name in ("connect", "ehlo", "helo", "starttls", "login", "supports_extension"):
+        assert callable(getattr(aiosmtplib.SMTP, name)), name
+    assert callable(aiosmtplib.SMTP.get_transport_info) and callable(aiosmtplib.SMTP.close)
+    parameters = inspect.signature(aiosmtplib.SMTP).parameters
+    for name in ("hostname", "port", "use_tls", "start_tls", "validate_certs", "timeout",
+                 "local_hostname"):  # fmt: skip
+        assert name in parameters, name
+    error = aiosmtplib.SMTPResponseException(535, "no")
+    assert (error.code, error.message) == (535, "no")
+    assert issubclass(aiosmtplib.SMTPHeloError, aiosmtplib.SMTPResponseException)
+
+    async def transport_after_set_up(url: str) -> tuple[bool, bool]:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=int(url.rsplit(":", 1)[1]))
+        client.timeout = 5.0
+        await client.connect(start_tls=False)
+        live = client.transport is not None and not client.transport.is_closing()
+        settable = callable(getattr(client.transport, "set_protocol", None))
+        client.close()
+        return live, settable
+
+    with SmtpServer() as server:
+        url = server.url().split("?")[0]
+        assert run(transport_after_set_up(url)) == (True, True)

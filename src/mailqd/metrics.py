@@ -71,7 +71,10 @@ def use_multiprocess_dir(directory: str) -> None:
 
     prometheus-client picks its value class when it is first imported and
     reads the directory from the environment when a metric is created, so
-    both are set here, before any worker is forked.
+    both are set here, before any worker is forked. Replacing
+    `values.ValueClass` is the one patch of prometheus-client's internals;
+    the package is pinned to the tested range and a contract test
+    (tests/test_monitoring.py) checks that metrics made after it write here.
     """
     os.environ[MULTIPROC_ENV] = directory
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]

@@ -7,9 +7,13 @@ starts and again in each worker, so a missing or unusable key is a
 `ConfigError` at start rather than a failure of every message.
 
 Each composed message is signed just before it is sent, with relaxed/relaxed
-canonicalization over the headers mailqd writes itself (`SIGNED_HEADERS`);
-those a message lacks (Cc, Reply-To) are signed as absent, so they cannot be
-added on the way without breaking the signature.
+canonicalization over the headers mailqd writes itself (`SIGNED_HEADERS`).
+The ones a receiver shows (`OVERSIGNED`: From, To, Cc, Subject, Date,
+Reply-To, Message-ID) are listed in h= once more than the message holds
+them, as RFC 6376 section 8.15 advises: the extra entry signs "no further
+field of this name", so a second `Subject:` added above the signed one (the
+one a mail client shows) breaks the signature, as does a Cc or Reply-To
+added to a message that had none.
 
 dkimpy canonicalizes, hashes and builds the header; only its RSA step, big
 integer arithmetic in pure Python (~7 ms per 2048-bit signature, which
@@ -38,12 +42,16 @@ from mailqd.rules.domains import is_dns_name
 if TYPE_CHECKING:
     from mailqd.config import Settings
 
-__all__ = ["SIGNED_HEADERS", "DkimSigner", "dns_record_value"]
+__all__ = ["OVERSIGNED", "SIGNED_HEADERS", "DkimSigner", "dns_record_value", "signed_header_names"]
 
-SIGNED_HEADERS = (
-    "From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To", "MIME-Version",
-    "Content-Type",
-)  # fmt: skip
+OVERSIGNED = ("From", "To", "Cc", "Subject", "Date", "Message-ID", "Reply-To")
+SIGNED_HEADERS = (*OVERSIGNED, "MIME-Version", "Content-Type")
+_OVERSIGNED_NAMES = tuple(name.lower().encode("ascii") for name in OVERSIGNED)
+_ONCE_NAMES = tuple(name.lower().encode("ascii") for name in SIGNED_HEADERS[len(OVERSIGNED) :])
+_OVERSIGNED_FIELD = re.compile(
+    rb"^(" + b"|".join(re.escape(name) for name in _OVERSIGNED_NAMES) + rb")[ \t]*:",
+    re.IGNORECASE | re.MULTILINE,
+)
 _KEYS = ("dkim_domain", "dkim_selector", "dkim_key_file")
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN [A-Z ]*PRIVATE KEY-----\n.*?\n-----END [A-Z ]*PRIVATE KEY-----", re.DOTALL
@@ -104,7 +112,7 @@ class DkimSigner:
                 self.domain.encode("ascii"),
                 self.private_key,
                 canonicalize=(b"relaxed", b"relaxed"),
-                include_headers=[name.encode("ascii") for name in SIGNED_HEADERS],
+                include_headers=signed_header_names(message),
             )
         except dkim.DKIMException as exc:
             raise ValidationError("dkim", f"cannot sign the message: {exc}") from None
@@ -122,6 +130,18 @@ class DkimSigner:
         value = self.dns_record_value()
         strings = " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
         return f"{self.dns_record_name()}. IN TXT ( {strings} )"
+
+
+def signed_header_names(message: bytes) -> list[bytes]:
+    """The h= list for `message`: each `OVERSIGNED` name once more than it occurs, then the rest."""
+    end = message.find(b"\r\n\r\n")
+    if end == -1:
+        end = message.find(b"\n\n")
+    head = message if end == -1 else message[: end + 2]
+    counts = dict.fromkeys(_OVERSIGNED_NAMES, 1)
+    for name in _OVERSIGNED_FIELD.findall(head):
+        counts[name.lower()] += 1
+    return [name for name, count in counts.items() for _ in range(count)] + list(_ONCE_NAMES)
 
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
@@ -160,7 +180,19 @@ def _use_openssl_for_rsa() -> None:
 
     dkimpy looks the function up by name in its package when it signs; its
     own stays in `dkim.crypto`, untouched, for verifying and for the test.
+    Installed once (later calls find it in place). A dkimpy that no longer
+    signs through that name would silently take ~70 times longer per
+    message, so that is refused here, at start (dkimpy is pinned to the
+    tested range; tests/test_dkim.py checks the fast path is taken).
     """
+    current = getattr(dkim, "RSASSA_PKCS1_v1_5_sign", None)
+    if current is rsassa_pkcs1_v1_5_sign:
+        return
+    if current is None or current is not getattr(dkim.crypto, "RSASSA_PKCS1_v1_5_sign", None):
+        raise RuntimeError(
+            "dkimpy no longer signs through dkim.RSASSA_PKCS1_v1_5_sign; "
+            "mailqd's OpenSSL RSA step cannot be installed (see mailqd.signing)"
+        )
     dkim.RSASSA_PKCS1_v1_5_sign = rsassa_pkcs1_v1_5_sign
 
 

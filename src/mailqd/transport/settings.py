@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
+DEFAULT_IDLE_TIMEOUT = 30.0
+
 
 class StartTLS(enum.StrEnum):
     """How a plain `smtp://` connection is upgraded to TLS."""
@@ -43,6 +45,7 @@ class SmtpSettings:
     password: str | None = field(default=None, repr=False)
     timeouts: Timeouts = field(default_factory=lambda: Timeouts(30.0, 30.0, 30.0))
     local_hostname: str | None = None
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # seconds a kept-open connection may sit unused
 
     def redacted_url(self) -> str:
         """The URL these settings came from, with the password shown as `***`."""
@@ -61,5 +64,7 @@ class SmtpSettings:
             options.append("tls_verify=false")
         if not self.pipelining:
             options.append("pipelining=false")
+        if self.idle_timeout != DEFAULT_IDLE_TIMEOUT:
+            options.append(f"idle_timeout={self.idle_timeout:g}")
         query = "?" + "&".join(options) if options else ""
         return f"{scheme}://{userinfo}{host}:{self.port}{query}"

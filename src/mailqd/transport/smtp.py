@@ -1,7 +1,7 @@
-"""SMTP delivery over one kept-open aiosmtplib connection, with every failure classified.
+"""SMTP delivery over one kept-open connection, with every failure classified.
 
-The daemon only needs to know what to do next, so every aiosmtplib or
-network error is translated here into one of:
+The daemon only needs to know what to do next, so every network, TLS or
+protocol error is translated here into one of:
 
 - `TransientDeliveryError`: retry later. 4xx replies, timeouts, refused or
   dropped connections, and any failure while setting the connection up
@@ -12,51 +12,42 @@ network error is translated here into one of:
   part) when the server does not offer it. The job fails at once.
 - `AmbiguousDeliveryError`: the message content, up to the final `.`, was
   handed to the socket, but the reply to it never came (timeout, disconnect,
-  garbage). The server may have queued the message; it will be sent again
-  with the same Message-ID so the receiver can de-duplicate.
+  garbage); or the server replied out of turn during the transaction, so its
+  replies can no longer be matched to the commands. The server may have
+  queued the message; it will be sent again with the same Message-ID so the
+  receiver can de-duplicate.
 
-To know which step failed, the transaction is driven step by step (MAIL,
-RCPT per recipient, DATA) rather than through `SMTP.sendmail`, and the
-message content is written by this module, right after the server's 354, so
-the point after which a failure is ambiguous is known exactly. When the
+aiosmtplib (the SMTP library) sets the connection up: connect, greeting,
+EHLO, STARTTLS, AUTH, through its public API only. Then mailqd's own
+`ReplyReader` takes the connection over (public `set_protocol`) and the
+transaction is driven step by step (MAIL, RCPT per recipient, DATA, the
+content), so the point after which a failure is ambiguous is known exactly,
+every reply is matched to the command it answers, and the buffers are
+bounded whatever the server sends (see `mailqd.transport.replies`). When the
 server offers PIPELINING (RFC 2920; `pipelining=false` in the URL turns it
 off), MAIL, the RCPTs and DATA go out in one write and their replies are
-read in order: two round trips a message instead of three or more, and
-half the system calls. aiosmtplib has no pipelining of its own, and its
-reply reader drops replies that arrive together; `_RepliesInOrder` is its
-reader with that fixed.
+read in order: two round trips a message instead of three or more.
 
-One `SmtpTransport` holds one `aiosmtplib.SMTP` client and is meant for one
-delivery slot: it does not lock, so concurrent `send` calls on the same
-instance are not supported. The connection is opened on first use, reused
-for the next messages, and dropped after any error, so the next send
+One `SmtpTransport` holds one connection and is meant for one delivery
+slot: it does not lock, so concurrent `send` calls on the same instance are
+not supported. The connection is opened on first use, reused for the next
+messages, closed after `idle_timeout` seconds unused, and dropped after any
+error or any bytes the server sends out of turn, so the next send
 reconnects. A send that fails at its first command on a reused connection
 (the server closed it while idle, or answered 421) is retried once on a
-fresh connection, since nothing was handed over yet.
+fresh connection, since nothing was handed over yet. Every reply text and
+error message leaves through `ReplyCleaner` (secrets redacted, control
+characters escaped).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
-import re
-import ssl
-from collections.abc import AsyncIterator
 
 import aiosmtplib
-import aiosmtplib.smtp
-from aiosmtplib import (
-    SMTPException,
-    SMTPHeloError,
-    SMTPRecipientRefused,
-    SMTPResponse,
-    SMTPResponseException,
-    SMTPSenderRefused,
-    SMTPServerDisconnected,
-    SMTPStatus,
-    SMTPTimeoutError,
-)
-from aiosmtplib.protocol import MAX_RESPONSE_LENGTH, SMTPProtocol
+from aiosmtplib import SMTPHeloError
 
 from mailqd.compose import OutgoingMessage
 from mailqd.errors import (
@@ -66,71 +57,21 @@ from mailqd.errors import (
     TransientDeliveryError,
 )
 from mailqd.transport.base import SendResult
+from mailqd.transport.commands import data_payload, mail_line, rcpt_line
+from mailqd.transport.failures import Refused, describe, server_reply
+from mailqd.transport.redaction import ReplyCleaner
+from mailqd.transport.replies import (
+    ConnectionClosed,
+    OutOfTurnReply,
+    Reply,
+    ReplyError,
+    ReplyReader,
+)
 from mailqd.transport.settings import SmtpSettings, StartTLS
 
 __all__ = ["SmtpTransport"]
 
 SERVICE_CLOSING = 421  # RFC 5321: the server is shutting this connection down
-
-_LINE_ENDING = re.compile(rb"\r\n|\r|\n")
-_LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
-_UNSAFE_IN_MAILBOX = re.compile(r'[\s<>"\x00-\x1f\x7f]')
-
-
-class _RepliesInOrder(SMTPProtocol):
-    """aiosmtplib's protocol, keeping every reply until it is read (for pipelining).
-
-    The stock protocol parses one reply per chunk received and drops data
-    that arrives while no reply is awaited, so of several replies arriving
-    together (pipelined commands) all but the first are lost. This one
-    buffers everything and hands replies out in order: the waiter holds
-    the oldest parsed reply, the buffer the ones after it. A reply the
-    server sent unasked (a 421 before closing an idle connection) is thus
-    read by the next command, which is what it answers in effect.
-    """
-
-    def data_received(self, data: bytes) -> None:
-        waiter = self._response_waiter
-        if waiter is None:
-            return
-        self._buffer.extend(data)
-        if waiter.done():
-            return
-        try:
-            reply = self._read_response_from_buffer()
-        except Exception as exc:
-            self._set_response_exception(waiter, exc)
-            return
-        if reply is not None:
-            waiter.set_result(reply)
-        elif len(self._buffer) > MAX_RESPONSE_LENGTH:  # one reply that never ends
-            del self._buffer[:]
-            error = SMTPResponseException(SMTPStatus.invalid_response.value, "Response too long")
-            self._set_response_exception(waiter, error)
-
-    async def read_response(self, timeout: float | None = None) -> SMTPResponse:
-        waiter = self._response_waiter
-        if waiter is None or not waiter.done():
-            buffered = self._read_response_from_buffer()
-            if buffered is not None:
-                return buffered
-        return await super().read_response(timeout)
-
-
-def _use_replies_in_order() -> None:
-    """Make aiosmtplib's clients build `_RepliesInOrder` protocols (process-wide).
-
-    `aiosmtplib.SMTP` names its protocol class as a module global and has no
-    option for another; the worker process has no other aiosmtplib user.
-    Checked, so that an aiosmtplib that renames it fails at import.
-    """
-    current = aiosmtplib.smtp.SMTPProtocol  # type: ignore[attr-defined]
-    if not issubclass(_RepliesInOrder, current):
-        raise RuntimeError(f"aiosmtplib's SMTP protocol class is no longer {SMTPProtocol!r}")
-    aiosmtplib.smtp.SMTPProtocol = _RepliesInOrder  # type: ignore[attr-defined]
-
-
-_use_replies_in_order()
 
 
 class _Phase(enum.Enum):
@@ -156,6 +97,7 @@ class SmtpTransport:
         self._settings = settings
         self._server = f"{settings.host}:{settings.port}"
         self._phase = _Phase.CONNECT
+        self._clean = ReplyCleaner(settings.username, settings.password)
         self._client = aiosmtplib.SMTP(
             hostname=settings.host,
             port=settings.port,
@@ -165,6 +107,13 @@ class SmtpTransport:
             timeout=settings.timeouts.command,
             local_hostname=settings.local_hostname,
         )
+        self._reader: ReplyReader | None = None
+        self._pipelined = False
+        self._offers: frozenset[str] = frozenset()
+        self._stale = False  # the last failure says the reused connection was dead already
+        self._sending = False
+        self._last_used = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"SmtpTransport({self._settings.redacted_url()!r})"
@@ -175,47 +124,73 @@ class SmtpTransport:
 
     @property
     def is_connected(self) -> bool:
-        return self._client.is_connected
+        return self._reader is not None and self._reader.usable
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of server replies held for this connection (bounded; see `ReplyReader`)."""
+        return self._reader.buffered_bytes if self._reader is not None else 0
 
     async def send(self, message: OutgoingMessage) -> SendResult:
         """Deliver one message; raise a `DeliveryError` subclass saying what to do if not."""
         if not message.recipients:
             raise PermanentDeliveryError("the message has no envelope recipients")
-        reused = self._client.is_connected
+        loop = asyncio.get_running_loop()
+        if self.is_connected and loop.time() - self._last_used >= self._settings.idle_timeout:
+            self._drop()  # the idle timer is due and has not run yet
+        reused = self.is_connected
+        self._sending = True
         try:
+            try:
+                return await self._deliver(message)
+            except TransientDeliveryError:
+                if not (reused and self._phase is _Phase.MAIL and self._stale):
+                    raise
             return await self._deliver(message)
-        except TransientDeliveryError as exc:
-            if not (reused and self._phase is _Phase.MAIL and _is_stale(exc.__cause__)):
-                raise
-        return await self._deliver(message)
+        finally:
+            self._sending = False
+            self._last_used = loop.time()
+            if self._idle_timer is None and self.is_connected:
+                self._idle_timer = loop.call_later(self._settings.idle_timeout, self._idle_check)
 
     async def close(self) -> None:
         """Say QUIT if connected (best effort), then drop the connection."""
-        if self._client.is_connected:
-            with contextlib.suppress(SMTPException, OSError):
-                await self._client.quit(timeout=self._settings.timeouts.command)
-        self._client.close()
+        reader = self._reader
+        if reader is not None and reader.usable:
+            with contextlib.suppress(ReplyError):
+                reader.send(b"QUIT\r\n", 1)
+                await reader.reply(self._settings.timeouts.command)
+        self._drop()
 
     async def _deliver(self, message: OutgoingMessage) -> SendResult:
         self._phase = _Phase.CONNECT
+        self._stale = False
         try:
-            if not self._client.is_connected:
-                await self._open()
-            payload = _data_payload(message.data)
+            reader = self._reader
+            if reader is None or not reader.usable:
+                reader = await self._open()
+            payload = data_payload(message.data)
             self._phase = _Phase.MAIL
             options = self._mail_options(payload, message.smtputf8)
-            refused = await self._envelope(message, options)
-            reply = await self._send_content(payload)
+            refused = await self._envelope(reader, message, options)
+            reply = await self._send_content(reader, payload)
         except BaseException as exc:
-            self._client.close()
+            stray = self._reader.out_of_turn if self._reader is not None else None
+            self._drop()
+            if isinstance(exc, Exception) and stray is not None:  # replies cannot be trusted
+                raise self._translate(stray) from None
             if isinstance(exc, Exception) and not isinstance(exc, DeliveryError):
-                raise self._translate(exc) from exc
+                raise self._translate(exc) from None  # the cause may hold raw server text
             raise
-        return SendResult(smtp_code=reply.code, smtp_text=reply.message, refused=refused)
+        clean = self._clean
+        if refused:
+            refused = {address: (code, clean(text)) for address, (code, text) in refused.items()}
+        return SendResult(smtp_code=reply.code, smtp_text=clean(reply.text), refused=refused)
 
-    async def _open(self) -> None:
-        """Connect, greet, apply the STARTTLS policy, and log in if configured."""
+    async def _open(self) -> ReplyReader:
+        """Connect, greet, apply the STARTTLS policy, log in if configured; then read ourselves."""
         settings = self._settings
+        self._client.close()  # forget the last connection's state (and aiosmtplib's lock)
         await self._client.connect(timeout=settings.timeouts.connect)
         await self._greet()
         if not settings.implicit_tls and settings.starttls is not StartTLS.OFF:
@@ -231,6 +206,14 @@ class SmtpTransport:
             await self._client.login(
                 settings.username, settings.password or "", timeout=settings.timeouts.command
             )
+        transport = self._client.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionClosed("connection lost after set-up")
+        offers = self._client.supports_extension
+        self._offers = frozenset(e for e in ("size", "8bitmime", "smtputf8") if offers(e))
+        self._pipelined = settings.pipelining and offers("pipelining")
+        self._reader = ReplyReader(transport)
+        return self._reader
 
     async def _greet(self) -> None:
         try:
@@ -253,13 +236,12 @@ class SmtpTransport:
         return self._client.get_transport_info("sslcontext") is not None
 
     def _mail_options(self, payload: bytes, smtputf8: bool) -> list[str]:
-        options = []
-        if self._client.supports_extension("size"):
-            options.append(f"SIZE={len(payload)}")
-        if not payload.isascii() and self._client.supports_extension("8bitmime"):
+        offers = self._offers
+        options = [f"SIZE={len(payload)}"] if "size" in offers else []
+        if "8bitmime" in offers and not payload.isascii():
             options.append("BODY=8BITMIME")
         if smtputf8:
-            if not self._client.supports_extension("smtputf8"):
+            if "smtputf8" not in offers:
                 raise PermanentDeliveryError(
                     f"SMTP {self._server}: an address needs SMTPUTF8, which the server does "
                     "not offer (its local part is not ASCII)"
@@ -268,7 +250,7 @@ class SmtpTransport:
         return options
 
     async def _envelope(
-        self, message: OutgoingMessage, options: list[str]
+        self, reader: ReplyReader, message: OutgoingMessage, options: list[str]
     ) -> dict[str, tuple[int, str]]:
         """MAIL, RCPT for each recipient, DATA; returns the refused recipients.
 
@@ -279,68 +261,44 @@ class SmtpTransport:
         returned, not raised: the message goes to the others.
         """
         recipients = message.recipients
-        replies = self._replies(
-            [
-                _mail_line(message.sender, options),
-                *(_rcpt_line(recipient, message.smtputf8) for recipient in recipients),
-                b"DATA\r\n",
-            ]
-        )
-        reply = await anext(replies)
+        mail = mail_line(message.sender, options)
+        rcpts = [rcpt_line(recipient, message.smtputf8) for recipient in recipients]
+        if self._pipelined:
+            reader.send(b"".join([mail, *rcpts, b"DATA\r\n"]), len(rcpts) + 2)
+        reply = await self._reply_to(reader, mail)
         if reply.code != 250:
-            raise SMTPSenderRefused(reply.code, reply.message, message.sender)
+            raise Refused(reply)
         self._phase = _Phase.RCPT
         refused: dict[str, tuple[int, str]] = {}
-        for recipient in recipients:
-            reply = await anext(replies)
+        for recipient, rcpt in zip(recipients, rcpts, strict=True):
+            reply = await self._reply_to(reader, rcpt)
             if reply.code == SERVICE_CLOSING:  # the whole session is over, not one recipient
-                raise SMTPRecipientRefused(reply.code, reply.message, recipient)
+                raise Refused(reply)
             if reply.code not in (250, 251):
-                refused[recipient] = (reply.code, reply.message)
+                refused[recipient] = reply
         if len(refused) == len(recipients):
             raise self._all_refused(refused)
         self._phase = _Phase.DATA
-        reply = await anext(replies)
+        reply = await self._reply_to(reader, b"DATA\r\n")
         if reply.code != 354:
-            raise SMTPResponseException(reply.code, reply.message)
+            raise Refused(reply)
         return refused
 
-    async def _replies(self, commands: list[bytes]) -> AsyncIterator[SMTPResponse]:
-        """Send `commands` (each a CRLF-ended line) and yield their replies in order.
+    async def _reply_to(self, reader: ReplyReader, command: bytes) -> Reply:
+        """The reply to `command`, written now unless pipelined (then it went out already)."""
+        if not self._pipelined:
+            reader.send(command, 1)
+        return await reader.reply(self._settings.timeouts.command)
 
-        Pipelined when the server offers it and the URL does not turn it
-        off: all commands in one write, up front. Otherwise each command is
-        written when its reply is asked for, so nothing follows a refusal.
-        """
-        protocol = self._protocol()
-        pipelined = self._settings.pipelining and self._client.supports_extension("pipelining")
-        if pipelined:
-            protocol.write(b"".join(commands))
-        for command in commands:
-            if not pipelined:
-                protocol.write(command)
-            yield await protocol.read_response(timeout=self._settings.timeouts.command)
-
-    async def _send_content(self, payload: bytes) -> SMTPResponse:
-        """Write the content after DATA's 354; from then on, a failure is ambiguous.
-
-        The content is written here rather than by `SMTP.data`, which sends
-        DATA and the content in one call and so cannot tell a refused DATA
-        command from a lost reply to the content.
-        """
-        protocol = self._protocol()
-        protocol.write(payload)
+    async def _send_content(self, reader: ReplyReader, payload: bytes) -> Reply:
+        """Write the content after DATA's 354; from then on, a failure is ambiguous."""
+        reader.send(payload, 1)
         self._phase = _Phase.DATA_SENT
-        reply = await protocol.read_response(timeout=self._settings.timeouts.data)
+        reply = await reader.reply(self._settings.timeouts.data)
         if not 200 <= reply.code < 300:
-            raise SMTPResponseException(reply.code, reply.message)
+            raise Refused(reply)
+        reader.check()  # a second reply came with this one: which one is the verdict?
         return reply
-
-    def _protocol(self) -> SMTPProtocol:
-        protocol = self._client.protocol
-        if protocol is None:
-            raise SMTPServerDisconnected("Connection lost")
-        return protocol
 
     def _all_refused(self, refused: dict[str, tuple[int, str]]) -> DeliveryError:
         """Every RCPT refused: permanent only if every refusal was permanent (5xx)."""
@@ -349,17 +307,22 @@ class SmtpTransport:
         code, text = (temporary or replies)[0]
         error = TransientDeliveryError if temporary else PermanentDeliveryError
         kind = "some temporarily" if temporary else "permanently"
-        return error(
-            f"SMTP {self._server}: all {len(replies)} recipient(s) refused, {kind}: {code} {text}",
-            code,
-            text,
-        )
+        message = f"SMTP {self._server}: all {len(replies)} recipient(s) refused, {kind}: "
+        return error(self._clean(f"{message}{code} {text}"), code, self._clean(text))
 
     def _translate(self, exc: Exception) -> DeliveryError:
-        """Map an aiosmtplib, TLS or socket error to what the daemon should do next."""
+        """Map a reply, aiosmtplib, TLS or socket error to what the daemon should do next."""
         phase = self._phase
-        code, text = _reply(exc)
-        detail = _describe(exc)
+        code, text = server_reply(exc)
+        self._stale = code == SERVICE_CLOSING or isinstance(exc, ConnectionError)
+        detail = self._clean(describe(exc))
+        text = self._clean(text) if text is not None else None
+        if isinstance(exc, OutOfTurnReply) and not phase.is_setup:
+            return AmbiguousDeliveryError(
+                f"SMTP {self._server}: the server replied out of turn during {phase.value} "
+                f"({detail}); its replies no longer match the commands, so it may have "
+                "accepted the message; retry it with the same Message-ID"
+            )
         if phase is _Phase.DATA_SENT and code is None:
             return AmbiguousDeliveryError(
                 f"SMTP {self._server}: no reply to the end of DATA ({detail}); the server "
@@ -373,71 +336,29 @@ class SmtpTransport:
             return PermanentDeliveryError(f"SMTP {self._server}: message refused locally: {exc}")
         return TransientDeliveryError(where, code, text)
 
+    def _drop(self) -> None:
+        """Forget the connection (closing it): after any error, and when idle too long."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        self._client.close()
 
-def _reply(exc: Exception) -> tuple[int | None, str | None]:
-    """The server's reply carried by an exception, if it was a real SMTP reply."""
-    if isinstance(exc, SMTPResponseException) and 200 <= exc.code < 600:
-        return exc.code, exc.message
-    return None, None
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, SMTPResponseException):
-        return f"{exc.code} {exc.message}"
-    if isinstance(exc, SMTPTimeoutError):
-        return f"timed out ({exc.message})"
-    if isinstance(exc, SMTPServerDisconnected):
-        return f"connection closed ({exc.message})"
-    if isinstance(exc, SMTPException):
-        return exc.message
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate not trusted ({exc.verify_message}); tls_verify=false skips this"
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _is_stale(cause: BaseException | None) -> bool:
-    """Whether a first-command failure means the reused connection was already dead."""
-    if isinstance(cause, SMTPResponseException):
-        return cause.code == SERVICE_CLOSING
-    return isinstance(cause, ConnectionError)
-
-
-def _mail_line(sender: str, options: list[str]) -> bytes:
-    """`MAIL FROM:<sender> OPTIONS` CRLF, built here rather than by `SMTP.mail`.
-
-    The envelope addresses are bare addr-specs already checked by the
-    composer; `SMTP.mail` and `SMTP.rcpt` run each through
-    `email.utils.parseaddr`, which cost more CPU than the rest of the
-    command (measured ~30 us a message). `_mailbox` still refuses one that
-    could break the command line.
-    """
-    mailbox = _mailbox(sender, "SMTPUTF8" in options)
-    words = [b"MAIL FROM:<" + mailbox + b">", *(o.encode("ascii") for o in options)]
-    return b" ".join(words) + b"\r\n"
-
-
-def _rcpt_line(recipient: str, smtputf8: bool) -> bytes:
-    """`RCPT TO:<recipient>` CRLF (see `_mail_line`)."""
-    return b"RCPT TO:<" + _mailbox(recipient, smtputf8) + b">\r\n"
-
-
-def _mailbox(address: str, smtputf8: bool = False) -> bytes:
-    """An envelope address as it goes between < and >; ValueError if it is not one.
-
-    Non-ASCII is allowed (as UTF-8) only in a transaction opened with SMTPUTF8.
-    """
-    if _UNSAFE_IN_MAILBOX.search(address) or not (smtputf8 or address.isascii()):
-        raise ValueError(f"address {address!r} cannot be put on an SMTP command line")
-    return address.encode("utf-8") if smtputf8 else address.encode("ascii")
-
-
-def _data_payload(data: bytes) -> bytes:
-    """The DATA content as sent: CRLF line endings, dot-stuffed, ending in `.` CRLF."""
-    crlf = data.count(b"\r\n")
-    if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
-        data = _LINE_ENDING.sub(b"\r\n", data)
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    if data.startswith(b".") or b"\n." in data:
-        data = _LEADING_DOT.sub(b"..", data)
-    return data + b".\r\n"
+    def _idle_check(self) -> None:
+        """Close the connection once unused for `idle_timeout` (QUIT, without waiting)."""
+        self._idle_timer = None
+        if not self.is_connected:
+            return
+        loop = asyncio.get_running_loop()
+        idle_timeout = self._settings.idle_timeout
+        remaining = self._last_used + idle_timeout - loop.time()
+        if self._sending or remaining > 0:
+            delay = idle_timeout if self._sending else remaining
+            self._idle_timer = loop.call_later(delay, self._idle_check)
+            return
+        if self._reader is not None:
+            with contextlib.suppress(ReplyError):
+                self._reader.send(b"QUIT\r\n", 1)
+        self._drop()

@@ -18,7 +18,7 @@ from mailqd.credentials import redact_url, smtp_password
 from mailqd.errors import ConfigError
 from mailqd.transport.base import Transport
 from mailqd.transport.local import MaildirTransport, NullTransport
-from mailqd.transport.settings import SmtpSettings, StartTLS, Timeouts
+from mailqd.transport.settings import DEFAULT_IDLE_TIMEOUT, SmtpSettings, StartTLS, Timeouts
 from mailqd.transport.smtp import SmtpTransport
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ __all__ = [
 
 CONFIG_KEY = "smtp_url"
 DEFAULT_PORTS = {"smtp": 25, "smtps": 465}
-SMTP_OPTIONS = ("starttls", "tls_verify", "pipelining", "timeout")
+SMTP_OPTIONS = ("starttls", "tls_verify", "pipelining", "timeout", "idle_timeout")
 ESCAPE_HINT = "percent-encode / ? # @ : in the user name and password (e.g. %2F for /)"
 
 _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")
@@ -119,6 +119,7 @@ def parse_smtp_url(
         )
     username, password = _credentials(parts, password)
     base_timeout = _timeout(options["timeout"]) if "timeout" in options else timeout
+    idle_timeout = _timeout(options.get("idle_timeout", str(DEFAULT_IDLE_TIMEOUT)), "idle_timeout")
     return SmtpSettings(
         host=_host(parts),
         port=_port(parts, DEFAULT_PORTS[scheme]),
@@ -134,6 +135,7 @@ def parse_smtp_url(
             data=data_timeout or base_timeout,
         ),
         local_hostname=local_hostname,
+        idle_timeout=idle_timeout,
     )
 
 
@@ -237,13 +239,13 @@ def _boolean(value: str, name: str) -> bool:
     raise ConfigError(CONFIG_KEY, f"{name} must be true or false")
 
 
-def _timeout(value: str) -> float:
+def _timeout(value: str, name: str = "timeout") -> float:
     try:
         seconds = float(value)
     except ValueError:
         seconds = math.nan
     if not (math.isfinite(seconds) and seconds > 0):
-        raise ConfigError(CONFIG_KEY, "timeout must be a positive number of seconds")
+        raise ConfigError(CONFIG_KEY, f"{name} must be a positive number of seconds")
     return seconds
 
 
