@@ -19,7 +19,8 @@ import sqlalchemy as sa
 
 from daemon_process import DaemonPool, DaemonProcess
 from mailqd import Client
-from mailqd.daemon.sidecar import Cached, parse_listen
+from mailqd.daemon.sidecar import parse_listen
+from mailqd.daemon.sidecar_db import Cached
 from mailqd.errors import DatabaseUnavailableError
 from mailqd.models import Status
 from mailqd.store import Store, upgrade

@@ -24,7 +24,7 @@ dispatches to the `handle_*` methods):
 - SIGCHLD: reap exited workers.
 
 Beside the workers, the supervisor runs the sidecar HTTP server
-(`mailqd.daemon.sidecar`: `/metrics`, `/healthz`, `/stats`) in a thread,
+(`mailqd.daemon.sidecar`: `/metrics`, `/healthz`, `/stats`) in two threads,
 and gives the workers a fresh directory for their metric files
 (`mailqd.metrics`), removed when it exits. Under systemd (`Type=notify`) it
 sends READY=1, RELOADING=1 and STOPPING=1, a STATUS= line with a summary,
@@ -111,7 +111,7 @@ WORKER_IGNORED_SIGNALS = (signal.SIGINT, signal.SIGHUP)
 DB_CONNECT_TIMEOUT = 5
 RESCUE_BATCH = 1000
 FORK_LOCK_WAIT = 0.2
-"""Longest wait for the sidecar to finish a request before a fork; else the spawn is retried."""
+"""Longest wait for the sidecar's database thread to finish a query before a fork; else retried."""
 
 log = structlog.get_logger(component="supervisor")
 
@@ -552,7 +552,7 @@ class Supervisor:
     def spawn_worker(self, slot: int) -> None:
         """Fork one worker for `slot`. Never returns in the child."""
         if not self._fork_lock.acquire(timeout=FORK_LOCK_WAIT):
-            # The sidecar is in a slow request (a database that does not answer):
+            # The sidecar is in a slow query (a database that does not answer):
             # try again on the next turn rather than block the loop.
             self._spawn_at[slot] = time.monotonic() + FORK_LOCK_WAIT
             return
