@@ -1,6 +1,6 @@
 """The supervisor's sidecar: `/metrics`, `/healthz` and `/stats` over HTTP.
 
-It listens on `metrics_listen` (127.0.0.1:9478 by default) in two threads of
+It listens on `metrics_listen` (127.0.0.1:9478 by default) in threads of
 the supervisor, so that neither a client nor the database can hold the
 health check shut:
 
@@ -9,18 +9,20 @@ health check shut:
   database: `/healthz` and `/metrics` are made from the latest answer of the
   queue query; `/stats` waits up to `STATS_WAIT` seconds for a fresh answer
   without holding up any other connection;
-- the database thread (`sidecar_db.DatabaseThread`) runs every query, each
-  answer reused for `cache_seconds`: so Prometheus scraping every second, a
-  load balancer probing `/healthz` and `/stats` together cost the database
-  at most one such query per interval.
+- two database threads (`sidecar_db.SidecarDatabase`), one for the queue
+  counts and one for `/stats`, run every query, each answer reused for
+  `cache_seconds`: so Prometheus scraping every second, a load balancer
+  probing `/healthz` and `/stats` together cost the database at most one
+  such query per interval.
 
 The supervisor forks workers while these threads run. A fork copies locks in
 whatever state they are, and a lock held by another thread at that moment
 (the log stream's, libpq's, the connection pool's) would stay held forever
-in the child. So the database thread queries and logs under `fork_lock`,
-which the supervisor takes around each fork; the HTTP thread takes no lock
-that a worker uses (it does not even log: the database thread logs its
-errors); and the child forgets the sidecar at once (`forget_after_fork`).
+in the child. So the database threads query and log under `fork_lock`
+(shared between them), which the supervisor takes around each fork; the
+HTTP thread takes no lock that a worker uses (it does not even log: a
+database thread logs its errors); and the child forgets the sidecar at once
+(`forget_after_fork`).
 """
 
 from __future__ import annotations
@@ -38,7 +40,13 @@ from typing import Any
 import structlog
 
 from mailqd import __version__
-from mailqd.daemon.sidecar_db import CACHE_SECONDS, STALE_AFTER, Answer, DatabaseThread
+from mailqd.daemon.sidecar_db import (
+    CACHE_SECONDS,
+    STALE_AFTER,
+    Answer,
+    ForkLock,
+    SidecarDatabase,
+)
 from mailqd.daemon.sidecar_http import HttpServer
 from mailqd.daemon.sidecar_protocol import Deferred, Response
 from mailqd.errors import ConfigError, MailqError
@@ -47,7 +55,7 @@ from mailqd.models import QueueCounts, QueueStats, Status
 from mailqd.store import Store
 from mailqd.transport import redact_url
 
-__all__ = ["STATS_WAIT", "Sidecar", "parse_listen"]
+__all__ = ["STATS_WAIT", "ForkLock", "Sidecar", "parse_listen"]
 
 STATS_WAIT = 5.0
 """Longest wait of `/stats` for a fresh answer; then it gets the latest one."""
@@ -74,15 +82,17 @@ class Sidecar:
         database_url: Callable[[], str],
         open_store: Callable[[str], Store],
         metrics_dir: str,
-        fork_lock: threading.Lock,
+        fork_lock: ForkLock,
         cache_seconds: float = CACHE_SECONDS,
         stale_after: float = STALE_AFTER,
+        stats_wait: float = STATS_WAIT,
     ) -> None:
         self.listen = listen
+        self._stats_wait = stats_wait
         self._status = status
         self._database_url = database_url
         self._metrics_dir = metrics_dir
-        self._database = DatabaseThread(
+        self._database = SidecarDatabase(
             database_url=database_url,
             open_store=open_store,
             fork_lock=fork_lock,
@@ -96,7 +106,7 @@ class Sidecar:
 
     @property
     def summary(self) -> str | None:
-        """One line for systemd's STATUS=, refreshed by the database thread."""
+        """One line for systemd's STATUS=, refreshed by the counts thread."""
         return self._database.summary
 
     # -- lifecycle -------------------------------------------------------------
@@ -203,13 +213,13 @@ class Sidecar:
         if not stats.stale():
             return self._stats_answer()
         asked_at = time.monotonic()
-        self._database.ask(stats=True)
+        self._database.ask_stats()
 
         def ready() -> Response | None:
             answer = stats.latest()
             return self._stats_answer() if answer is not None and answer.at >= asked_at else None
 
-        return Deferred(ready, self._stats_answer, STATS_WAIT)
+        return Deferred(ready, self._stats_answer, self._stats_wait)
 
     def _stats_answer(self) -> Response:
         try:
@@ -261,7 +271,7 @@ class Sidecar:
         return _text(HTTPStatus.OK, "mailqd sidecar: /metrics /healthz /stats\n")
 
     def _make_summary(self, counts: Answer[QueueCounts] | None) -> str:
-        """The STATUS= line; called by the database thread every few seconds."""
+        """The STATUS= line; made by the counts thread after each refresh."""
         status = self._status()
         sent = int(counter_total(self._metrics_dir, "mailqd_email_sent"))
         failed = int(counter_total(self._metrics_dir, "mailqd_email_failed"))

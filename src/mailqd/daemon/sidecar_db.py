@@ -1,13 +1,14 @@
-"""The sidecar's database thread: every query of `/metrics`, `/healthz` and `/stats`.
+"""The sidecar's database threads: every query of `/metrics`, `/healthz` and `/stats`.
 
 The HTTP thread never waits on the database: it reads the latest answers
-(`Cached.latest`) and asks this thread for fresh ones (`ask`). This thread
-refreshes the queue counts (`Store.unfinished_counts`) when asked and they
-are older than `cache_seconds`, and for the summary (systemd's STATUS=)
-every `SUMMARY_INTERVAL`; it runs the `/stats` query when asked. Each query
-runs under the supervisor's fork lock, and so does the logging of what went
-wrong in the HTTP thread: no lock a worker needs is held by this thread
-when the supervisor forks.
+(`Cached.latest`) and asks for fresh ones. One thread refreshes the queue
+counts (`Store.unfinished_counts`) when they are asked for and older than
+`cache_seconds`, and every `SUMMARY_INTERVAL` for the summary (systemd's
+STATUS=); another runs the `/stats` query when asked, so a slow `/stats`
+never delays the counts behind `/healthz`. Each query runs under the
+supervisor's fork lock (`ForkLock`, shared), and so does the logging of what
+went wrong in the HTTP thread: no lock a worker needs is held by these
+threads when the supervisor forks.
 
 An answer older than `stale_after` (a query that hangs) counts as no answer.
 """
@@ -18,7 +19,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -28,7 +29,7 @@ from mailqd.errors import DatabaseUnavailableError, MailqError
 from mailqd.models import QueueCounts, QueueStats
 from mailqd.store import Store
 
-__all__ = ["CACHE_SECONDS", "STALE_AFTER", "Answer", "Cached", "DatabaseThread"]
+__all__ = ["CACHE_SECONDS", "STALE_AFTER", "Answer", "Cached", "ForkLock", "SidecarDatabase"]
 
 T = TypeVar("T")
 
@@ -94,11 +95,113 @@ class Cached(Generic[T]):
         return answer is None or self._clock() - answer.at >= self._ttl
 
 
-class DatabaseThread:
-    """The queries behind the endpoints, run in a thread of their own.
+class ForkLock:
+    """Held by the supervisor around each fork, and shared by the sidecar's queries.
+
+    Shared holders run together, so a slow `/stats` query does not hold up
+    the queue counts that `/healthz` relies on; a fork waits until no query
+    runs, and no query starts while a fork waits. `acquire`/`release` are
+    the fork's side, as on `threading.Lock`.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._exclusive = False
+        self._forks_waiting = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        deadline = None if timeout < 0 else time.monotonic() + timeout
+        with self._cond:
+            self._forks_waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if not blocking or (left is not None and left <= 0):
+                        return False
+                    self._cond.wait(left)
+                self._exclusive = True
+                return True
+            finally:
+                self._forks_waiting -= 1
+                self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self._exclusive = False
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive and not self._forks_waiting)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+
+class _Refresher:
+    """One thread that refreshes one `Cached` when asked, and every `interval` seconds if set.
+
+    With an `interval`, the first refresh is at once, so the answer is there
+    for the first request.
+
+        The query runs under the fork lock (shared); `after` runs after each
+        refresh, in the thread, also under the lock.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        cached: Cached[Any],
+        fork_lock: ForkLock,
+        after: Callable[[], None],
+        interval: float | None = None,
+    ) -> None:
+        self._cached = cached
+        self._fork_lock = fork_lock
+        self._after = after
+        self._interval = interval
+        self._wanted = threading.Condition()
+        self._asked, self._closing = interval is not None, False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def ask(self) -> None:
+        with self._wanted:
+            self._asked = True
+            self._wanted.notify()
+
+    def close(self) -> None:
+        with self._wanted:
+            self._closing = True
+            self._wanted.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wanted:
+                self._wanted.wait_for(lambda: self._asked or self._closing, self._interval)
+                if self._closing:
+                    return
+                self._asked = False
+            with self._fork_lock.shared():
+                try:
+                    with contextlib.suppress(MailqError):
+                        self._cached.get()
+                    self._after()
+                except Exception:
+                    log.exception("sidecar query failed")
+
+
+class SidecarDatabase:
+    """The queries behind the endpoints, each kind in a thread of its own.
 
     `database_url` gives the URL in force (a reload may change it);
-    `summarize` makes the STATUS= line from the latest counts.
+    `summarize` makes the STATUS= line from the latest counts; `wake` is
+    called after every refresh (the HTTP server looks at what waits on it).
     """
 
     def __init__(
@@ -106,12 +209,11 @@ class DatabaseThread:
         *,
         database_url: Callable[[], str],
         open_store: Callable[[str], Store],
-        fork_lock: threading.Lock,
+        fork_lock: ForkLock,
         summarize: Callable[[Answer[QueueCounts] | None], str],
         cache_seconds: float = CACHE_SECONDS,
         stale_after: float = STALE_AFTER,
     ) -> None:
-        self.fork_lock = fork_lock
         self.summary: str | None = None
         self.counts = Cached(lambda: self._current_store().unfinished_counts(), cache_seconds)
         self.stats = Cached(self._query_stats, cache_seconds)
@@ -121,18 +223,22 @@ class DatabaseThread:
         self._stale_after = stale_after
         self._store: Store | None = None
         self._store_url: str | None = None
-        self._thread: threading.Thread | None = None
-        self._wanted = threading.Condition()
-        """Guards the requests below; never held across a query."""
-        self._want_counts = self._want_stats = self._closing = False
+        self._store_lock = threading.Lock()
         self._errors: deque[BaseException] = deque(maxlen=100)
+        self._wake: Callable[[], None] = lambda: None
+        self._counts_thread = _Refresher(
+            "mailqd-sidecar-counts", self.counts, fork_lock, self._after_counts, SUMMARY_INTERVAL
+        )
+        self._stats_thread = _Refresher(
+            "mailqd-sidecar-stats", self.stats, fork_lock, lambda: self._wake()
+        )
 
     # -- what the HTTP thread calls (never waits on the database) ---------------
 
     def latest_counts(self) -> QueueCounts:
         """The latest queue counts, or `MailqError`; asks for fresh ones when they are stale."""
         if self.counts.stale():
-            self.ask(stats=False)
+            self._counts_thread.ask()
         return self.recent(self.counts.latest())
 
     def recent(self, answer: Answer[T] | None) -> T:
@@ -144,98 +250,63 @@ class DatabaseThread:
             raise DatabaseUnavailableError(f"database unavailable: no answer for {age:.0f} s")
         return answer.result()
 
-    def ask(self, *, stats: bool) -> None:
-        """Fresh counts (and the `/stats` numbers) soon; `wake` is called once they are in."""
-        with self._wanted:
-            self._want_counts = True
-            self._want_stats = self._want_stats or stats
-            self._wanted.notify()
+    def ask_stats(self) -> None:
+        """Fresh `/stats` numbers soon; `wake` is called once they are in."""
+        self._stats_thread.ask()
 
     def report(self, error: BaseException) -> None:
-        """An error of the HTTP thread, logged here where logging is fork-safe."""
+        """An error of the HTTP thread, to be logged where logging is fork-safe."""
         self._errors.append(error)
-        with self._wanted:
-            self._wanted.notify()
+        self._counts_thread.ask()
 
     # -- lifecycle -------------------------------------------------------------
 
     def start(self, wake: Callable[[], None]) -> None:
-        """Start the thread (with the caller's signal mask); `wake` after each refresh."""
-        self._thread = threading.Thread(
-            target=self._run, args=(wake,), name="mailqd-sidecar-db", daemon=True
-        )
-        self._thread.start()
+        """Start the threads (they inherit the caller's signal mask)."""
+        self._wake = wake
+        for refresher in (self._counts_thread, self._stats_thread):
+            refresher.thread.start()
 
     def stop(self) -> None:
-        with self._wanted:
-            self._closing = True
-            self._wanted.notify()
-        if self._thread is not None:
-            self._thread.join(STOP_WAIT)
-            if self._thread.is_alive():
-                return  # stuck in a query: its store is still in use
-            self._thread = None
+        deadline = time.monotonic() + STOP_WAIT
+        refreshers = (self._counts_thread, self._stats_thread)
+        for refresher in refreshers:
+            refresher.close()
+        for refresher in refreshers:
+            if refresher.thread.ident is not None:
+                refresher.thread.join(max(0.0, deadline - time.monotonic()))
+        if any(refresher.thread.is_alive() for refresher in refreshers):
+            return  # stuck in a query: the store is still in use
         if self._store is not None:
             self._store.close()
             self._store = None
 
     def forget_after_fork(self) -> None:
         """In a freshly forked worker: drop the connections without touching them."""
-        self._thread = None
         if self._store is not None:
             self._store.engine.dispose(close=False)
             self._store = None
 
-    # -- the thread ------------------------------------------------------------
+    # -- in the threads ----------------------------------------------------------
 
-    def _run(self, wake: Callable[[], None]) -> None:
-        summary_due = time.monotonic()
-        while True:
-            with self._wanted:
-                self._wanted.wait_for(
-                    lambda: self._closing or self._want_counts or self._want_stats or self._errors,
-                    timeout=max(0.0, summary_due - time.monotonic()),
-                )
-                if self._closing:
-                    return
-                counts, stats = self._want_counts, self._want_stats
-                self._want_counts = self._want_stats = False
-            try:
-                if time.monotonic() >= summary_due:
-                    summary_due = time.monotonic() + SUMMARY_INTERVAL
-                    self._refresh(self.counts)
-                    with self.fork_lock:
-                        self.summary = self._summarize(self.counts.latest())
-                if counts or stats:
-                    self._refresh(self.counts)
-                if stats:
-                    self._refresh(self.stats)
-            except Exception as exc:
-                self._errors.append(exc)
-            wake()
-            self._log_errors()
-
-    def _refresh(self, cached: Cached[Any]) -> None:
-        """A fresh answer if the cached one is stale; the query runs under the fork lock."""
-        with self.fork_lock, contextlib.suppress(MailqError):
-            cached.get()
-
-    def _log_errors(self) -> None:
+    def _after_counts(self) -> None:
+        """Every refresh of the counts: the summary, and the HTTP thread's errors logged."""
+        self.summary = self._summarize(self.counts.latest())
+        self._wake()
         while self._errors:
-            error = self._errors.popleft()
-            with self.fork_lock:
-                log.error("sidecar request failed", exc_info=error)
+            log.error("sidecar request failed", exc_info=self._errors.popleft())
 
     def _current_store(self) -> Store:
         """The store of the configuration in force; a reload may have changed the URL."""
         url = self._database_url()
-        if self._store is not None and self._store_url != url:
-            self._store.close()
-            self._store = None
-        if self._store is None:
-            self._store = self._open_store(url)
-            self._store_url = url
-        return self._store
+        with self._store_lock:
+            if self._store is not None and self._store_url != url:
+                self._store.close()
+                self._store = None
+            if self._store is None:
+                self._store = self._open_store(url)
+                self._store_url = url
+            return self._store
 
     def _query_stats(self) -> tuple[QueueStats, int]:
         store = self._current_store()

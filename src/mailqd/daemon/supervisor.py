@@ -49,7 +49,6 @@ import shutil
 import signal
 import socket
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -63,7 +62,7 @@ from sqlalchemy.engine import make_url
 from mailqd import metrics
 from mailqd.config import Settings
 from mailqd.daemon.heartbeat import Heartbeat, WorkerIdentity
-from mailqd.daemon.sidecar import Sidecar
+from mailqd.daemon.sidecar import ForkLock, Sidecar
 from mailqd.errors import ConfigError, MailqError, SchemaError
 from mailqd.store import Store, check_schema
 from mailqd.transport import redact_url, tls_verification_off
@@ -204,7 +203,7 @@ class Supervisor:
         self.jobs_given_back = 0
         self.started_at = time.time()
         self.status = self._pool_status()
-        self._fork_lock = threading.Lock()
+        self._fork_lock = ForkLock()
         self._sidecar: Sidecar | None = None
         self._metrics_dir: str | None = None
         self._spawn_at: dict[int, float] = {}
