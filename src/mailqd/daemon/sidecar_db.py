@@ -147,11 +147,9 @@ class ForkLock:
 class _Refresher:
     """One thread that refreshes one `Cached` when asked, and every `interval` seconds if set.
 
-    With an `interval`, the first refresh is at once, so the answer is there
-    for the first request.
-
-        The query runs under the fork lock (shared); `after` runs after each
-        refresh, in the thread, also under the lock.
+    The query runs under the fork lock (shared); `after` runs after each
+    refresh, in the thread, also under the lock. With an `interval`, the
+    first refresh is at once, so the answer is there for the first request.
     """
 
     def __init__(
