@@ -7,8 +7,9 @@ health check shut:
 - the HTTP thread (`sidecar_http.HttpServer`) serves every connection from
   one selector, with deadlines and a connection cap, and never waits on the
   database: `/healthz` and `/metrics` are made from the latest answer of the
-  queue query; `/stats` waits up to `STATS_WAIT` seconds for a fresh answer
-  without holding up any other connection;
+  queue query; `/stats` from an answer of the last `STATS_REUSE` seconds, or
+  it waits up to `STATS_WAIT` seconds for a fresh one without holding up
+  any other connection;
 - two database threads (`sidecar_db.SidecarDatabase`), one for the queue
   counts and one for `/stats`, run every query, each answer reused for
   `cache_seconds`: so Prometheus scraping every second, a load balancer
@@ -57,8 +58,10 @@ from mailqd.transport import redact_url
 
 __all__ = ["STATS_WAIT", "ForkLock", "Sidecar", "parse_listen"]
 
+STATS_REUSE = 5.0
+"""`/stats` answers at once from a database answer up to this old (and has it refreshed)."""
 STATS_WAIT = 5.0
-"""Longest wait of `/stats` for a fresh answer; then it gets the latest one."""
+"""Longest wait of `/stats` for a fresh answer when the latest is older; then it gets that."""
 STOP_WAIT = 2.0
 """Longest wait at stop for the HTTP thread."""
 
@@ -208,12 +211,18 @@ class Sidecar:
         return problems
 
     def _stats_page(self) -> Response | Deferred:
-        """From a fresh answer: at once if there is one, else once the database thread has it."""
+        """At once from an answer less than `STATS_REUSE` seconds old, else once there is one.
+
+        A stale answer is refreshed behind the request that reused it, so a
+        script polling `/stats` never waits on the query.
+        """
         stats = self._database.stats
-        if not stats.stale():
-            return self._stats_answer()
         asked_at = time.monotonic()
-        self._database.ask_stats()
+        if stats.stale():
+            self._database.ask_stats()
+        answer = stats.latest()
+        if answer is not None and asked_at - answer.at < STATS_REUSE:
+            return self._stats_answer()
 
         def ready() -> Response | None:
             answer = stats.latest()
@@ -223,7 +232,7 @@ class Sidecar:
 
     def _stats_answer(self) -> Response:
         try:
-            stats, failed_attempts = self._database.recent(self._database.stats.latest())
+            stats, failed_attempts = self._database.recent(self._database.stats)
         except MailqError as exc:
             body = {"success": False, "error": str(exc)}
             return _json(HTTPStatus.SERVICE_UNAVAILABLE, body)

@@ -10,7 +10,8 @@ supervisor's fork lock (`ForkLock`, shared), and so does the logging of what
 went wrong in the HTTP thread: no lock a worker needs is held by these
 threads when the supervisor forks.
 
-An answer older than `stale_after` (a query that hangs) counts as no answer.
+A query that has run for more than `stale_after` seconds (one that hangs)
+makes its endpoints say the database does not answer.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ CACHE_SECONDS = 1.0
 SUMMARY_INTERVAL = 2.0
 """Seconds between refreshes of the one-line summary (systemd's STATUS=)."""
 STALE_AFTER = 10.0
-"""A database answer older than this means the database does not answer (a hung query)."""
+"""Seconds after which a query still running means the database does not answer."""
 STOP_WAIT = 2.0
 """Longest wait at stop; a thread stuck in a query is left to end with the process."""
 
@@ -74,17 +75,26 @@ class Cached(Generic[T]):
         self._ttl = ttl
         self._clock = clock
         self._answer: Answer[T] | None = None
+        self._computing_since: float | None = None
 
     def get(self) -> T:
         if self.stale():
+            self._computing_since = self._clock()
             try:
                 value, error = self._compute(), None
             except MailqError as exc:
                 value, error = None, exc
+            finally:
+                self._computing_since = None
             # Counted from the answer, so a query that took long is still reused.
             self._answer = Answer(value, error, self._clock())
         assert self._answer is not None
         return self._answer.result()
+
+    def waiting(self) -> float:
+        """Seconds the computation in progress has run so far; 0 when none runs."""
+        since = self._computing_since
+        return 0.0 if since is None else self._clock() - since
 
     def latest(self) -> Answer[T] | None:
         """The last answer, however old; None before the first."""
@@ -237,15 +247,20 @@ class SidecarDatabase:
         """The latest queue counts, or `MailqError`; asks for fresh ones when they are stale."""
         if self.counts.stale():
             self._counts_thread.ask()
-        return self.recent(self.counts.latest())
+        return self.recent(self.counts)
 
-    def recent(self, answer: Answer[T] | None) -> T:
-        """The answer's result, or `DatabaseUnavailableError` if there is none this recent."""
+    def recent(self, cached: Cached[T]) -> T:
+        """The latest result, or `DatabaseUnavailableError` while a query hangs.
+
+        A query running for more than `stale_after` seconds means the
+        database does not answer, whatever it answered before.
+        """
+        waiting = cached.waiting()
+        if waiting > self._stale_after:
+            raise DatabaseUnavailableError(f"database unavailable: no answer for {waiting:.0f} s")
+        answer = cached.latest()
         if answer is None:
             raise DatabaseUnavailableError("database unavailable: no answer yet")
-        age = time.monotonic() - answer.at
-        if age > self._stale_after:
-            raise DatabaseUnavailableError(f"database unavailable: no answer for {age:.0f} s")
         return answer.result()
 
     def ask_stats(self) -> None:
