@@ -62,6 +62,8 @@ class _Phase(enum.Enum):
     READING = "reading"
     WAITING = "waiting"
     WRITING = "writing"
+    CLOSED = "closed"
+    """Closed earlier in the same turn of the loop: its pending events are stale."""
 
 
 @dataclass(eq=False, slots=True)
@@ -228,8 +230,11 @@ class HttpServer:
 
     def _close(self, conn: _Connection, *, graceful: bool) -> None:
         """End a connection; `shutdown` tells the peer even if a forked child holds the fd."""
+        if conn.phase is _Phase.CLOSED:
+            return
         self._connections.pop(conn.sock.fileno(), None)
         self._watch(conn, 0)
+        conn.phase = _Phase.CLOSED
         if graceful:
             # Unread bytes at close would make the kernel reset the connection,
             # which can destroy the answer before the client has read it.
