@@ -47,18 +47,20 @@ FAST = 0.1
 """The issue's bound: `/healthz` answers within 100 ms whatever other clients do."""
 PATHS = ("/healthz", "/metrics", "/stats")
 SAMPLES = 5
+POLL_INTERVAL = 0.02
 
 
 # -- helpers -------------------------------------------------------------------------
 
 
 def wait_until(condition: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
+    """Poll `condition` until it returns something truthy; fail at the deadline."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = condition()
-        if result is not None and result is not False:
+        if result:
             return result
-        select.select([], [], [], 0.02)
+        time.sleep(POLL_INTERVAL)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
@@ -173,7 +175,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         env = {"MAILQD_DATABASE_URL": db_url, "MAILQD_SMTP_URL": "null://", "MAILQD_WORKERS": "1"}
         daemon = pool.mailqd(env)
         found = Target(daemon, daemon.sidecar_url())
-        wait_until(found.healthy, "a healthy sidecar")
+        daemon.wait_for(found.healthy, "a healthy sidecar")
         yield found
     finally:
         pool.close()
@@ -321,7 +323,7 @@ def flood_round(target: Target, size: int) -> FloodRound | None:
     started = time.monotonic()
     try:
         flood.extend(socket.create_connection(target.address, 5) for _ in range(size))
-        wait_until(
+        target.daemon.wait_for(
             lambda: sum(let_go(s) for s in flood) >= size - MAX_CONNECTIONS,
             "the server to close the connections over its cap",
         )
@@ -350,7 +352,7 @@ def test_a_flood_over_the_cap_is_evicted_and_healthz_still_answers_fast(target: 
     assert max(answer.elapsed for answer in flood.answers) < FAST, flood.answers
     # The flood still held the server at its cap while the health checks came in.
     assert flood.held >= MAX_CONNECTIONS - len(flood.answers), flood.held
-    assert wait_until(target.healthy, "healthy once the flood is gone").elapsed < FAST
+    assert target.daemon.wait_for(target.healthy, "healthy once the flood is gone").elapsed < FAST
 
 
 # -- a database that hangs (in process, PostgreSQL) ----------------------------------
