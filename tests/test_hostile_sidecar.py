@@ -15,16 +15,12 @@ they are quick. No test sleeps: each waits on a condition with a deadline.
 from __future__ import annotations
 
 import json
-import os
-import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self, TypeVar
 
 import pytest
 import sqlalchemy as sa
@@ -36,117 +32,26 @@ from mailqd.daemon.supervisor import open_store
 from mailqd.metrics import PoolStatus
 from mailqd.store import upgrade
 from mailqd.store.engine import make_engine
-from sidecar_client import RawAnswer, address_of, raw_request, read_until_closed, request_bytes
+from sidecar_client import (
+    Address,
+    RawAnswer,
+    address_of,
+    let_go,
+    proc_count,
+    raw_request,
+    read_until_closed,
+    request_bytes,
+    wait_until,
+    worst_latencies,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
-T = TypeVar("T")
-Address = tuple[str, int]
 
 FAST = 0.1
 """The issue's bound: `/healthz` answers within 100 ms whatever other clients do."""
 PATHS = ("/healthz", "/metrics", "/stats")
 SAMPLES = 5
-POLL_INTERVAL = 0.02
-
-
-# -- helpers -------------------------------------------------------------------------
-
-
-def wait_until(condition: Callable[[], T | None], what: str, timeout: float = 15.0) -> T:
-    """Poll `condition` until it returns something truthy; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = condition()
-        if result:
-            return result
-        time.sleep(POLL_INTERVAL)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def let_go(sock: socket.socket) -> bool:
-    """True once the server has answered or closed `sock`: it no longer holds a place."""
-    readable, _, _ = select.select([sock], [], [], 0)
-    return bool(readable)
-
-
-class Crowd:
-    """Connections that would hold a one-at-a-time server: idle ones and slow senders.
-
-    The slow senders send the start of a request, then one byte of a header
-    every `interval` seconds from a thread, never the end of the headers.
-    """
-
-    def __init__(self, address: Address, idle: int, slow: int, interval: float = 0.1) -> None:
-        self.address = address
-        self.interval = interval
-        self.idle = [socket.create_connection(address, timeout=5) for _ in range(idle)]
-        self.slow = [socket.create_connection(address, timeout=5) for _ in range(slow)]
-        self.opened_at = time.monotonic()
-        self.bytes_sent = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._trickle, daemon=True)
-
-    def __enter__(self) -> Self:
-        for sock in self.slow:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
-        self._thread.start()
-        wait_until(lambda: self.bytes_sent >= 2 * len(self.slow), "the slow senders trickling")
-        return self
-
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self._stop.set()
-        self._thread.join()
-        for sock in self.idle + self.slow:
-            sock.close()
-
-    def age(self) -> float:
-        return time.monotonic() - self.opened_at
-
-    def held(self) -> bool:
-        """Every connection of the crowd is still open (none dropped by the server yet)."""
-        return not any(let_go(sock) for sock in self.idle + self.slow)
-
-    def _trickle(self) -> None:
-        while not self._stop.wait(self.interval):
-            for sock in self.slow:
-                try:
-                    sock.send(b"a")
-                    self.bytes_sent += 1
-                except OSError:
-                    pass
-
-
-def worst_latencies(address: Address, paths: tuple[str, ...], samples: int) -> dict[str, float]:
-    """The slowest of `samples` answers per path, each measured while a fresh crowd holds on.
-
-    A round counts only if the whole crowd was still connected after it: the
-    numbers are taken while the connections are idle or slow, not after the
-    server dropped them. Each path is asked once before, so what is measured
-    is the crowd's effect, not the first database query of `/stats`.
-    """
-    for path in paths:
-        assert raw_request(address, request_bytes(path)).status == 200, path
-    worst = dict.fromkeys(paths, 0.0)
-    taken = 0
-    deadline = time.monotonic() + 60
-    while taken < samples:
-        assert time.monotonic() < deadline, f"only {taken} rounds with the crowd held"
-        with Crowd(address, idle=20, slow=5) as crowd:
-            while taken < samples and crowd.age() < READ_TIMEOUT / 2:
-                answers = {path: raw_request(address, request_bytes(path), 2.0) for path in paths}
-                if not crowd.held():
-                    break
-                for path, answer in answers.items():
-                    assert answer.status == 200, (path, answer)
-                    worst[path] = max(worst[path], answer.elapsed)
-                taken += 1
-    return worst
-
-
-def proc_count(pid: int, what: str) -> int:
-    """Threads (`task`) or open fds (`fd`) of a process, from /proc."""
-    return len(os.listdir(f"/proc/{pid}/{what}"))
 
 
 # -- the daemon ----------------------------------------------------------------------
