@@ -171,6 +171,8 @@ def test_head_has_the_headers_of_get_and_no_body(target: Target, path: str) -> N
         (request_bytes("/healthz", "GET", "X-Big: " + "b" * 9000), 431),
         (request_bytes("/healthz", "GET", " folded: continuation"), 400),
         (request_bytes("/healthz", "GET", "no colon here"), 400),
+        (b"GET /heal\x00thz HTTP/1.1\r\n\r\n", 400),
+        (request_bytes("/healthz", "get"), 501),
     ],
     ids=[
         "POST",
@@ -185,6 +187,8 @@ def test_head_has_the_headers_of_get_and_no_body(target: Target, path: str) -> N
         "9KB-header",
         "folded-header",
         "header-without-colon",
+        "NUL-in-target",
+        "lowercase-method",
     ],
 )
 def test_malformed_and_oversized_requests_are_refused_at_once(
@@ -196,6 +200,12 @@ def test_malformed_and_oversized_requests_are_refused_at_once(
     if status == 405:
         assert answer.headers["allow"] == "GET, HEAD"
     assert target.healthy() is not None
+
+
+def test_an_absolute_target_and_a_query_string_are_served_by_path(target: Target) -> None:
+    for target_form in (f"http://{target.url.split('//')[1]}/healthz", "/healthz?verbose=1"):
+        answer = raw_request(target.address, request_bytes(target_form))
+        assert (answer.status, answer.body) == (200, b"ok: 1/1 workers, database ok\n")
 
 
 def test_keep_alive_is_refused_and_a_pipelined_request_is_not_answered(target: Target) -> None:
