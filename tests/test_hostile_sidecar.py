@@ -97,43 +97,46 @@ def test_every_endpoint_answers_within_100ms_while_20_connections_idle_and_5_tri
 
 
 def test_a_slow_sender_is_cut_off_at_the_read_deadline_with_a_408(target: Target) -> None:
-    """A byte every 0.2 s and a byte every second: both end at the deadline, not later."""
-    with (
-        socket.create_connection(target.address, timeout=5) as fast_trickle,
-        socket.create_connection(target.address, timeout=5) as slow_trickle,
-        socket.create_connection(target.address, timeout=5) as silent,
-    ):
-        start = time.monotonic()
-        for sock in (fast_trickle, slow_trickle):
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
-        ended: dict[str, float] = {}
-        stop = threading.Event()
+    """A byte every 0.2 s, a byte every second, nothing at all: each ends at its deadline.
 
-        def trickle(sock: socket.socket, every: float) -> None:
-            while not stop.wait(every):
-                try:
-                    sock.send(b"a")
-                except OSError:
-                    return
+    Each connection's time is counted from just before its connect, so the
+    server's deadline (from its accept) cannot start earlier.
+    """
+    opened: dict[str, float] = {}
+    socks: dict[str, socket.socket] = {}
+    for name in ("fast", "slow", "silent"):
+        opened[name] = time.monotonic()
+        socks[name] = socket.create_connection(target.address, timeout=5)
+    stop = threading.Event()
 
-        threads = [
-            threading.Thread(target=trickle, args=(fast_trickle, 0.2), daemon=True),
-            threading.Thread(target=trickle, args=(slow_trickle, 1.0), daemon=True),
-        ]
+    def trickle(sock: socket.socket, every: float) -> None:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+        while not stop.wait(every):
+            try:
+                sock.send(b"a")
+            except OSError:
+                return
+
+    threads = [
+        threading.Thread(target=trickle, args=(socks["fast"], 0.2), daemon=True),
+        threading.Thread(target=trickle, args=(socks["slow"], 1.0), daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    answers: dict[str, bytes] = {}
+    lasted: dict[str, float] = {}
+    try:
+        for name, sock in socks.items():
+            answers[name] = read_until_closed(sock, opened[name] + READ_TIMEOUT + 2.0)
+            lasted[name] = time.monotonic() - opened[name]
+    finally:
+        stop.set()
         for thread in threads:
-            thread.start()
-        try:
-            answers = {}
-            for name, sock in (("fast", fast_trickle), ("slow", slow_trickle), ("silent", silent)):
-                received = read_until_closed(sock, start + READ_TIMEOUT + 2.0)
-                ended[name] = time.monotonic() - start
-                answers[name] = received
-        finally:
-            stop.set()
-            for thread in threads:
-                thread.join()
-    for name, seconds in ended.items():
-        assert READ_TIMEOUT - 0.1 <= seconds <= READ_TIMEOUT + 1.5, (name, ended)
+            thread.join()
+        for sock in socks.values():
+            sock.close()
+    for name, seconds in lasted.items():
+        assert READ_TIMEOUT <= seconds <= READ_TIMEOUT + 1.5, (name, lasted)
     assert answers["fast"].startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answers
     assert answers["slow"].startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answers
     assert answers["silent"] == b""  # nothing asked, nothing answered
