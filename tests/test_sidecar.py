@@ -9,18 +9,25 @@ Every wait has a deadline.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import threading
-from typing import Any
+import time
+from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from daemon_process import DaemonPool, DaemonProcess
 from mailqd import Client
-from mailqd.daemon.sidecar import Cached, parse_listen
+from mailqd.daemon.sidecar import ForkLock, Sidecar, parse_listen
+from mailqd.daemon.sidecar_db import Cached
+from mailqd.daemon.supervisor import open_store
 from mailqd.errors import DatabaseUnavailableError
+from mailqd.metrics import PoolStatus
 from mailqd.models import Status
 from mailqd.store import Store, upgrade
 from mailqd.store.engine import make_engine
@@ -83,6 +90,113 @@ def test_cached_reuses_a_value_and_an_error_until_it_is_stale() -> None:
 def test_parse_listen_takes_ipv4_and_bracketed_ipv6() -> None:
     assert parse_listen("127.0.0.1:9478") == ("127.0.0.1", 9478)
     assert parse_listen("[::1]:0") == ("::1", 0)
+
+
+def test_fork_lock_lets_queries_run_together_and_keeps_a_fork_out_while_any_runs() -> None:
+    lock = ForkLock()
+    with lock.shared(), lock.shared():
+        assert lock.acquire(timeout=0.05) is False
+    assert lock.acquire(timeout=5) is True
+    entered = threading.Event()
+
+    def query() -> None:
+        with lock.shared():
+            entered.set()
+
+    thread = threading.Thread(target=query)
+    thread.start()
+    assert not entered.wait(0.05), "a query ran while a fork held the lock"
+    lock.release()
+    assert entered.wait(5)
+    thread.join()
+    assert lock.acquire(blocking=False) is True
+    lock.release()
+
+
+# -- fork safety ---------------------------------------------------------------------
+
+
+def test_children_forked_while_clients_keep_the_sidecar_busy_can_log_and_query(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """The supervisor's side of a fork, 10 times, while three clients hammer every endpoint.
+
+    Each child does what a worker does first (forget the sidecar, log, query
+    the database) and must exit at once: a lock that a sidecar thread held
+    at the fork would hang it, and closing its copies of the sidecar's
+    sockets must not cut the parent's connections.
+    """
+    lock = ForkLock()
+    status = PoolStatus(
+        workers=1, desired=1, stopping=False, worker_deaths=0, jobs_given_back=0, started_at=0.0
+    )
+    sidecar = Sidecar(
+        "127.0.0.1:0",
+        status=lambda: status,
+        database_url=lambda: pg_url,
+        open_store=open_store,
+        metrics_dir=str(tmp_path),
+        fork_lock=lock,
+        cache_seconds=0.0,
+    )
+    sidecar.start()
+    stop = threading.Event()
+    served: list[int] = []
+    deadline = time.monotonic() + 15
+    while get(sidecar.url + "/healthz")[0] != 200:  # the first counts are on their way
+        assert time.monotonic() < deadline, "never healthy"
+        time.sleep(0.02)
+
+    def hammer(path: str) -> None:
+        while not stop.is_set():
+            served.append(get(sidecar.url + path)[0])
+
+    paths = ("/metrics", "/stats", "/healthz")
+    clients = [threading.Thread(target=hammer, args=(path,)) for path in paths]
+    try:
+        for client in clients:
+            client.start()
+        for _ in range(10):
+            assert lock.acquire(timeout=5)
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    _child_work(sidecar, pg_url)
+            finally:
+                lock.release()  # the parent's: the child ends in os._exit
+            assert _exit_code(pid, timeout=15) == 0
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+        sidecar.stop()
+    assert len(served) > 20 and set(served) == {200}, set(served)
+
+
+def _child_work(sidecar: Sidecar, pg_url: str) -> NoReturn:
+    code = 1
+    try:
+        sidecar.forget_after_fork()
+        structlog.get_logger().info("forked child running")
+        store = Store.from_url(pg_url)
+        store.unfinished_counts()
+        store.close()
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _exit_code(pid: int, timeout: float) -> int:
+    """The child's exit code; a child still running at the deadline is killed and fails."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, wait_status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(wait_status)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"forked child {pid} hung: a lock held at the fork?")
 
 
 # -- /metrics ------------------------------------------------------------------------

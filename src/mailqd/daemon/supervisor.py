@@ -24,7 +24,7 @@ dispatches to the `handle_*` methods):
 - SIGCHLD: reap exited workers.
 
 Beside the workers, the supervisor runs the sidecar HTTP server
-(`mailqd.daemon.sidecar`: `/metrics`, `/healthz`, `/stats`) in a thread,
+(`mailqd.daemon.sidecar`: `/metrics`, `/healthz`, `/stats`) in two threads,
 and gives the workers a fresh directory for their metric files
 (`mailqd.metrics`), removed when it exits. Under systemd (`Type=notify`) it
 sends READY=1, RELOADING=1 and STOPPING=1, a STATUS= line with a summary,
@@ -49,7 +49,6 @@ import shutil
 import signal
 import socket
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -62,7 +61,7 @@ import structlog
 from mailqd import metrics
 from mailqd.config import Settings
 from mailqd.daemon.heartbeat import Heartbeat, WorkerIdentity
-from mailqd.daemon.sidecar import Sidecar
+from mailqd.daemon.sidecar import ForkLock, Sidecar
 from mailqd.errors import ConfigError, MailqError, SchemaError
 from mailqd.store import Store, check_schema, is_postgresql
 from mailqd.transport import redact_url, tls_verification_off
@@ -110,7 +109,7 @@ WORKER_IGNORED_SIGNALS = (signal.SIGINT, signal.SIGHUP)
 DB_CONNECT_TIMEOUT = 5
 RESCUE_BATCH = 1000
 FORK_LOCK_WAIT = 0.2
-"""Longest wait for the sidecar to finish a request before a fork; else the spawn is retried."""
+"""Longest wait for the sidecar's database thread to finish a query before a fork; else retried."""
 
 log = structlog.get_logger(component="supervisor")
 
@@ -203,7 +202,7 @@ class Supervisor:
         self.jobs_given_back = 0
         self.started_at = time.time()
         self.status = self._pool_status()
-        self._fork_lock = threading.Lock()
+        self._fork_lock = ForkLock()
         self._sidecar: Sidecar | None = None
         self._metrics_dir: str | None = None
         self._spawn_at: dict[int, float] = {}
@@ -551,7 +550,7 @@ class Supervisor:
     def spawn_worker(self, slot: int) -> None:
         """Fork one worker for `slot`. Never returns in the child."""
         if not self._fork_lock.acquire(timeout=FORK_LOCK_WAIT):
-            # The sidecar is in a slow request (a database that does not answer):
+            # The sidecar is in a slow query (a database that does not answer):
             # try again on the next turn rather than block the loop.
             self._spawn_at[slot] = time.monotonic() + FORK_LOCK_WAIT
             return
