@@ -259,6 +259,7 @@ class Sidecar:
                 "total_sent": counts.by_status.get(Status.SENT, 0),
                 "total_failed": failed_attempts,
                 "queue_depth": counts.depth,
+                "sending_without_lease": stats.unleased,
             },
             "performance": {
                 "failure_rate_1h_percent": round(rate * 100, 2) if rate is not None else 0.0,
