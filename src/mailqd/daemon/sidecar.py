@@ -259,8 +259,8 @@ class Sidecar:
                 "total_sent": counts.by_status.get(Status.SENT, 0),
                 "total_failed": failed_attempts,
                 "queue_depth": counts.depth,
-                "sending_without_lease": stats.unleased,
             },
+            "rows": {"sending_without_lease": stats.unleased},
             "performance": {
                 "failure_rate_1h_percent": round(rate * 100, 2) if rate is not None else 0.0,
                 "recent_attempts_1h": stats.last_1h.attempts,

@@ -491,13 +491,11 @@ class Store:
         of looping forever.
         """
         at = _now(now)
+        too_long = q.c.lease_expires_at > add_seconds(at, longest_lease)
         if owner is not None:
             cond = _held() & (q.c.lease_owner == owner)
         else:
-            lapsed = (q.c.lease_expires_at < at) | (
-                q.c.lease_expires_at > add_seconds(at, longest_lease)
-            )
-            cond = (_held() & lapsed) | UNLEASED
+            cond = (_held() & ((q.c.lease_expires_at < at) | too_long)) | UNLEASED
         victims = (
             sa.select(q.c.id)
             .where(cond)
@@ -510,10 +508,10 @@ class Store:
         why = sa.case(
             (UNLEASED, sa.literal("sending with no lease: no worker held it")),
             (
-                q.c.lease_expires_at > at,
-                sa.literal("lease longer than any worker gives (the worker ")
+                too_long,
+                sa.literal("lease longer than any worker gives: the worker ")
                 + worker
-                + sa.literal("); taken back"),
+                + sa.literal(" cannot hold it"),
             ),
             else_=sa.literal("lease expired: the worker ")
             + worker
