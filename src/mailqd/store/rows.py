@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -53,6 +53,7 @@ __all__ = [
     "counted_attempt",
     "job_from_row",
     "read_claimed",
+    "read_jobs",
 ]
 
 q = email_queue
@@ -175,9 +176,7 @@ def read_claimed(
     except Exception as exc:
         if pgresult is None:
             raise RereadNeeded(str(exc)) from exc
-        column = [pgresult.fname(i) for i in range(pgresult.nfields)].index(b"id")
-        ids = [pgresult.get_value(i, column).decode() for i in range(pgresult.ntuples)]
-        return _reread(conn, dialect, owner, q.c.id, ids)
+        return _reread(conn, dialect, owner, q.c.id, _ids(pgresult))
     claimed = Claimed()
     strict = dialect == "sqlite"
     for row in fetched:
@@ -189,6 +188,49 @@ def read_claimed(
     if claimed.unreadable:
         _fail(conn, owner, claimed.unreadable)
     return claimed
+
+
+def read_jobs(conn: sa.Connection, result: sa.CursorResult[Any]) -> list[Job]:
+    """Rows for the operator's commands (`show`, `failed`, `requeue`, `cancel`), never refused.
+
+    A row the claim failed as unreadable keeps its value; on PostgreSQL the
+    value psycopg refuses is shown as absent (None), or where the column
+    always holds one as the earliest time, so the row can still be listed,
+    shown, requeued or cancelled. Its `last_error` says what it held.
+    """
+    pgresult = getattr(result.cursor, "pgresult", None)
+    try:
+        return [job_from_row(row) for row in result.all()]
+    except Exception:
+        if pgresult is None:
+            raise
+        return [_leniently(conn, job_id) for job_id in _ids(pgresult)]
+
+
+def _ids(pgresult: Any) -> list[str]:
+    """The `id` column of a result psycopg could not load: from the bytes the server sent."""
+    column = [pgresult.fname(i) for i in range(pgresult.nfields)].index(b"id")
+    return [pgresult.get_value(i, column).decode() for i in range(pgresult.ntuples)]
+
+
+def _leniently(conn: sa.Connection, job_id: str) -> Job:
+    values: dict[str, Any] = {}
+    for column in q.c:
+        try:
+            values[column.name] = conn.execute(
+                sa.select(column).where(q.c.id == job_id)
+            ).scalar_one()
+        except Exception:
+            values[column.name] = None if column.nullable else _PLACEHOLDER.get(column.name)
+    return Job(
+        **{name: values[name] for name in Job.__slots__ if name != "status"},
+        status=Status(values["status"]),
+    )
+
+
+_PLACEHOLDER: dict[str, Any] = {
+    c.name: datetime.min.replace(tzinfo=UTC) for c in q.c if isinstance(c.type, UTCDateTime)
+}
 
 
 def claim_by_rowid(

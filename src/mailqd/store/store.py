@@ -617,22 +617,22 @@ class Store:
             .returning(*q.c)
         )
         with self._begin() as conn:
-            row = conn.execute(stmt).first()
-            if row is None:
+            found = rows.read_jobs(conn, conn.execute(stmt))
+            if not found:
                 status = conn.execute(sa.select(q.c.status).where(q.c.id == job_id)).scalar()
                 if status is None:
                     raise JobNotFoundError(job_id)
                 raise JobStateError(job_id, status, operation)
-            if row.status == Status.PENDING:
+            if found[0].status == Status.PENDING:
                 self._notify(conn)
-        return rows.job_from_row(row)
+        return found[0]
 
     def get(self, job_id: str) -> Job:
         with self._begin() as conn:
-            row = conn.execute(sa.select(q).where(q.c.id == job_id)).first()
-        if row is None:
+            found = rows.read_jobs(conn, conn.execute(sa.select(q).where(q.c.id == job_id)))
+        if not found:
             raise JobNotFoundError(job_id)
-        return rows.job_from_row(row)
+        return found[0]
 
     def attempts(self, job_id: str) -> list[Attempt]:
         """A job's attempts in the order they were recorded.
@@ -664,7 +664,7 @@ class Store:
             .limit(limit)
         )
         with self._begin() as conn:
-            return [rows.job_from_row(r) for r in conn.execute(stmt)]
+            return rows.read_jobs(conn, conn.execute(stmt))
 
     def counts(self, now: datetime | None = None) -> QueueCounts:
         """Jobs per status, and how long the oldest due pending job has waited."""
