@@ -18,7 +18,8 @@ loading can fail, and that is caught for the whole batch at once): when
 loading fails, the ids are taken from the result the server already sent
 (`PGresult`), and the rows are read again one at a time, and a row that
 still fails, one column at a time. On SQLite each row's values are checked
-against their column's type as they are read (a type test per value); the
+against their columns' types (one set lookup of the row's value types for
+the few shapes real rows come in, a type test per value otherwise); the
 one failure SQLite's driver has (text that is not UTF-8) makes the claim
 roll back and run again returning only `rowid`s, which cannot fail, and
 the rows are then read one at a time in the same way.
@@ -125,6 +126,10 @@ _EXPECTED = tuple((i, c.name, _expected(c)) for i, c in enumerate(q.c))
 _ID = list(q.c.keys()).index("id")
 _ATTEMPTS = list(q.c.keys()).index("attempts")
 _WHAT = {datetime: "a timestamp", int: "an integer", str: "text"}
+_GOOD_SHAPES: set[tuple[type, ...]] = set()
+"""The value types of rows found good: the check depends on the types alone, and real rows
+come in a few shapes (which nullable columns are NULL), so most rows cost one set lookup."""
+_MAX_SHAPES = 4096
 
 
 def _mismatch(value: Any, allowed: frozenset[type] | None) -> str | None:
@@ -145,10 +150,14 @@ def _problem(values: Sequence[Any], strict: bool) -> tuple[str, str] | None:
     `strict` (SQLite) checks every value's type; PostgreSQL's server has.
     """
     if strict:
-        for index, name, allowed in _EXPECTED:
-            reason = _mismatch(values[index], allowed)
-            if reason is not None:
-                return name, reason
+        shape = tuple(map(type, values))
+        if shape not in _GOOD_SHAPES:
+            for index, name, allowed in _EXPECTED:
+                reason = _mismatch(values[index], allowed)
+                if reason is not None:
+                    return name, reason
+            if len(_GOOD_SHAPES) < _MAX_SHAPES:
+                _GOOD_SHAPES.add(shape)
     if not _INT4_MIN <= values[_ATTEMPTS] < _INT4_MAX:
         return "attempts", "out of range"
     return None
