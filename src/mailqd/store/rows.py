@@ -27,6 +27,7 @@ the rows are then read one at a time in the same way.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -199,21 +200,35 @@ def read_claimed(
     return claimed
 
 
-def read_jobs(conn: sa.Connection, result: sa.CursorResult[Any]) -> list[Job]:
+def read_jobs(
+    conn: sa.Connection, result: sa.CursorResult[Any], again: sa.Select[Any]
+) -> list[Job]:
     """Rows for the operator's commands (`show`, `failed`, `requeue`, `cancel`), never refused.
 
-    A row the claim failed as unreadable keeps its value; on PostgreSQL the
-    value psycopg refuses is shown as absent (None), or where the column
-    always holds one as the earliest time, so the row can still be listed,
-    shown, requeued or cancelled. Its `last_error` says what it held.
+    A row the claim failed as unreadable keeps its values, so these must
+    read what the driver refuses: on PostgreSQL that value is shown as
+    absent (None), or where the column always holds one as the earliest
+    time; on SQLite text that is not UTF-8 is read (`again`, the rows'
+    SELECT) with the bad bytes replaced. Its `last_error` says what it held.
     """
     pgresult = getattr(result.cursor, "pgresult", None)
     try:
         return [job_from_row(row) for row in result.all()]
     except Exception:
-        if pgresult is None:
+        if pgresult is not None:
+            return [_leniently(conn, job_id) for job_id in _ids(pgresult)]
+        raw = conn.connection.driver_connection
+        if not isinstance(raw, sqlite3.Connection):
             raise
-        return [_leniently(conn, job_id) for job_id in _ids(pgresult)]
+        raw.text_factory = _replacing
+        try:
+            return [job_from_row(row) for row in conn.execute(again)]
+        finally:
+            raw.text_factory = str
+
+
+def _replacing(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
 
 
 def _ids(pgresult: Any) -> list[str]:

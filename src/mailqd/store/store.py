@@ -617,7 +617,8 @@ class Store:
             .returning(*q.c)
         )
         with self._begin() as conn:
-            found = rows.read_jobs(conn, conn.execute(stmt))
+            again = sa.select(q).where(q.c.id == job_id)
+            found = rows.read_jobs(conn, conn.execute(stmt), again)
             if not found:
                 status = conn.execute(sa.select(q.c.status).where(q.c.id == job_id)).scalar()
                 if status is None:
@@ -629,7 +630,8 @@ class Store:
 
     def get(self, job_id: str) -> Job:
         with self._begin() as conn:
-            found = rows.read_jobs(conn, conn.execute(sa.select(q).where(q.c.id == job_id)))
+            stmt = sa.select(q).where(q.c.id == job_id)
+            found = rows.read_jobs(conn, conn.execute(stmt), stmt)
         if not found:
             raise JobNotFoundError(job_id)
         return found[0]
@@ -664,7 +666,7 @@ class Store:
             .limit(limit)
         )
         with self._begin() as conn:
-            return rows.read_jobs(conn, conn.execute(stmt))
+            return rows.read_jobs(conn, conn.execute(stmt), stmt)
 
     def counts(self, now: datetime | None = None) -> QueueCounts:
         """Jobs per status, and how long the oldest due pending job has waited."""
