@@ -348,6 +348,26 @@ def test_sending_rows_no_worker_holds_are_counted_rescued_and_then_sent(
     assert {store.get(i).status for i in ids.values()} == {Status.SENT}
 
 
+def test_a_sending_row_whose_id_is_not_utf8_is_rescued_with_the_others(sqlite_url: str) -> None:
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    engine.dispose()
+    store = Store.from_url(sqlite_url)
+    try:
+        with store.engine.begin() as conn:
+            for job_id in ("CAST(x'ff' AS TEXT)", "'plain'"):
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO email_queue (id, recipient_to, body, status) "
+                        f"VALUES ({job_id}, 'a@x.org', 'b', 'sending')"
+                    )
+                )
+        assert sorted(store.rescue()) == ["plain", "\ufffd"]
+        assert sending_rows(store) == 0
+    finally:
+        store.close()
+
+
 def test_a_lease_a_worker_could_have_given_is_left_alone(store: Store) -> None:
     with store.engine.begin() as conn:
         conn.execute(

@@ -28,7 +28,8 @@ the rows are then read one at a time in the same way.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -56,6 +57,7 @@ __all__ = [
     "job_from_row",
     "read_claimed",
     "read_jobs",
+    "replacing_bad_utf8",
 ]
 
 q = email_queue
@@ -217,14 +219,28 @@ def read_jobs(
     except Exception:
         if pgresult is not None:
             return [_leniently(conn, job_id) for job_id in _ids(pgresult)]
-        raw = conn.connection.driver_connection
-        if not isinstance(raw, sqlite3.Connection):
+        if conn.dialect.name != "sqlite":
             raise
-        raw.text_factory = _replacing
-        try:
+        with replacing_bad_utf8(conn):
             return [job_from_row(row) for row in conn.execute(again)]
-        finally:
-            raw.text_factory = str
+
+
+@contextmanager
+def replacing_bad_utf8(conn: sa.Connection) -> Iterator[None]:
+    """On SQLite, read text that is not UTF-8 with the bad bytes replaced, not refused.
+
+    For statements off the hot path only: SQLite's driver then calls Python
+    for every text value.
+    """
+    raw = conn.connection.driver_connection
+    if not isinstance(raw, sqlite3.Connection):
+        yield
+        return
+    raw.text_factory = _replacing
+    try:
+        yield
+    finally:
+        raw.text_factory = str
 
 
 def _replacing(data: bytes) -> str:

@@ -531,7 +531,7 @@ class Store:
             )
             .returning(q.c.id, q.c.attempts, q.c.last_error)
         )
-        with self._begin() as conn:
+        with self._begin() as conn, rows.replacing_bad_utf8(conn):  # an id plain SQL wrote
             rescued = list(conn.execute(stmt))
             if rescued:
                 started = conn.execute(sa.select(at)).scalar_one()
