@@ -45,6 +45,7 @@ STATS_KEYS = {
     "retries_waiting",
     "retries_due_soon",
     "retries_due_soon_seconds",
+    "sending_without_lease",
     "last_5m",
     "last_1h",
     "rate_limits",

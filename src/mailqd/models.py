@@ -171,6 +171,9 @@ class QueueStats:
     soon_seconds: float
     last_5m: WindowStats
     last_1h: WindowStats
+    unleased: int = 0
+    """`sending` rows that no worker holds (no lease; written by plain SQL): the rescuer
+    returns them to the queue. Not in `counts`, which counts held jobs as `sending`."""
 
 
 @dataclass(frozen=True, slots=True)

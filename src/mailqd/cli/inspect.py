@@ -146,6 +146,7 @@ def stats_document(snapshot: QueueStats, limits: RateLimitView) -> dict[str, Any
         "retries_waiting": snapshot.retries_waiting,
         "retries_due_soon": snapshot.retries_due_soon,
         "retries_due_soon_seconds": snapshot.soon_seconds,
+        "sending_without_lease": snapshot.unleased,
         "last_5m": _window_document(snapshot.last_5m),
         "last_1h": _window_document(snapshot.last_1h),
         "rate_limits": limits.document(),
@@ -187,6 +188,7 @@ def render_stats(
                 f"{snapshot.retries_waiting} "
                 f"({snapshot.retries_due_soon} due in the next {snapshot.soon_seconds:g}s)",
             ),
+            ("sending, no lease", f"{snapshot.unleased} (held by no worker; rescued soon)"),
         ]
     )
     recent = table("", "sent", "failed", "failure rate", "attempts", right=["sent", "failed"])

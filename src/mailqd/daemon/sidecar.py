@@ -267,6 +267,7 @@ class Sidecar:
                 "total_failed": failed_attempts,
                 "queue_depth": counts.depth,
             },
+            "rows": {"sending_without_lease": stats.unleased},
             "performance": {
                 "failure_rate_1h_percent": round(rate * 100, 2) if rate is not None else 0.0,
                 "recent_attempts_1h": stats.last_1h.attempts,

@@ -44,7 +44,9 @@ from mailqd.models import Job, Outcome
 from mailqd.secrets import SecretBox, load_secret_box, unseal_variables
 from mailqd.store import Completion, Store, check_schema
 from mailqd.store.notify import JobListener, supports_listen
+from mailqd.store.rows import UnreadableRow
 from mailqd.store.screening import Screened, ScreenedClaim, ScreenRules
+from mailqd.store.store import LONGEST_LEASE
 from mailqd.transport import Transport
 
 __all__ = ["BatchResult", "TransportFactory", "Worker", "checked_transport_factory", "run_worker"]
@@ -301,6 +303,7 @@ class Worker:
         result = BatchResult(claimed=claim.claimed)
         result.count(completions)
         result.count(claim.screened)
+        result.failed += len(claim.unreadable)
         return result
 
     async def close(self) -> None:
@@ -386,13 +389,12 @@ class Worker:
             return ScreenedClaim([]), 0
         lease = self.settings.lease_seconds
         if self._screen_rules is None:
-            jobs = await asyncio.to_thread(self.store.claim, self.owner, granted, lease)
-            claim = ScreenedClaim(jobs)
+            claim = await asyncio.to_thread(self.store.claim_batch, self.owner, granted, lease)
         else:
             claim = await asyncio.to_thread(
                 self.store.claim_screened, self.owner, granted, lease, self._screen_rules
             )
-            jobs = claim.jobs
+        jobs = claim.jobs
         self._outage.succeeded()
         for job in jobs:
             self._held[job.id] = job
@@ -401,6 +403,8 @@ class Worker:
             self._metrics.claimed(claim.claimed)
         if claim.screened:
             self._set_aside(claim.screened)
+        if claim.unreadable:
+            self._failed_unreadable(claim.unreadable)
         if len(jobs) < granted:
             try:
                 await self._limiter.give_back(granted - len(jobs))
@@ -425,6 +429,15 @@ class Worker:
                 domains=dict(Counter(item.domain for item in throttled)),
                 due_within_seconds=round(max(item.delay for item in throttled), 2),
             )
+        self._progress.set()
+
+    def _failed_unreadable(self, rows: Sequence[UnreadableRow]) -> None:
+        """Count and log the rows the claim failed because they could not be read."""
+        self.totals.failed += len(rows)
+        if self._metrics is not None:
+            self._metrics.failed.inc(len(rows))
+        for row in rows:
+            self._log.warning("unreadable row failed", job_id=row.job_id, error=row.error)
         self._progress.set()
 
     def _start(self, jobs: Sequence[Job]) -> list[asyncio.Task[Completion]]:
@@ -511,10 +524,11 @@ class Worker:
         statement, and so no single process is needed for it to happen.
         """
         period = self.settings.lease_seconds / 4
+        longest = max(LONGEST_LEASE, 2 * self.settings.lease_seconds)  # others' may be longer
         await asyncio.sleep(random.uniform(0, period))
         while True:
             try:
-                rescued = await asyncio.to_thread(self.store.rescue)
+                rescued = await asyncio.to_thread(self.store.rescue, longest_lease=longest)
                 self._outage.succeeded()
             except StoreError as exc:
                 self._outage.failed(exc, "rescuing expired leases")

@@ -28,6 +28,23 @@ STATUSES = ("pending", "sending", "sent", "failed", "cancelled")
 _SQLITE_TIME_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
 
+class Unreadable:
+    """A value the result processors below could not turn into what its column holds.
+
+    Returned instead of raising, so that one row written by plain SQL with
+    garbage in it (SQLite keeps any value in any column) fails alone at the
+    claim (`mailqd.store.rows`) instead of breaking the whole batch read.
+    """
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Unreadable({self.reason!r})"
+
+
 class UTCDateTime(sa.TypeDecorator[datetime]):
     """A timezone-aware UTC datetime on both databases."""
 
@@ -49,15 +66,33 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
             return value.strftime(_SQLITE_TIME_FORMAT)[:-3]  # milliseconds, like strftime('%f')
         return value
 
-    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        """The UTC datetime; `Unreadable` for what plain SQL put there that is none."""
         if value is None:
             return None
-        if isinstance(value, str):
-            value = datetime.fromisoformat(value)
-        assert isinstance(value, datetime)
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        try:
+            if isinstance(value, str):
+                value = datetime.fromisoformat(value)
+            elif not isinstance(value, datetime):
+                return Unreadable(f"{kind_of(value)}, not a timestamp")
+            if value.tzinfo is None:
+                return value.replace(tzinfo=UTC)
+            return value.astimezone(UTC)
+        except ValueError:
+            return Unreadable("not a timestamp")
+        except OverflowError:  # in range only in its own time zone
+            return Unreadable("timestamp out of range")
+
+
+def kind_of(value: Any) -> str:
+    """What SQLite holds, in its own words, for messages about a value of the wrong type."""
+    if isinstance(value, bytes):
+        return "a BLOB"
+    if isinstance(value, float):
+        return "a REAL"
+    if isinstance(value, int):
+        return "an INTEGER"
+    return "TEXT" if isinstance(value, str) else type(value).__name__
 
 
 class JSONValue(sa.TypeDecorator[Any]):
@@ -66,6 +101,7 @@ class JSONValue(sa.TypeDecorator[Any]):
     On SQLite a row written by plain SQL may hold text that is not JSON; it is
     returned as the raw string rather than raising, so that one bad row fails
     alone (the daemon checks the type) instead of breaking a whole claim.
+    JSON nested deeper than Python's parser recurses is `Unreadable`.
     """
 
     impl = sa.Text
@@ -92,6 +128,8 @@ class JSONValue(sa.TypeDecorator[Any]):
             return json.loads(value)
         except ValueError:
             return value
+        except RecursionError:
+            return Unreadable("JSON nested too deeply")
 
 
 class utcnow(FunctionElement[datetime]):
@@ -261,6 +299,20 @@ sa.Index(
     email_queue.c.lease_expires_at,
     postgresql_where=LEASED,
     sqlite_where=LEASED,
+)
+# A `sending` row without a lease (an operator's or another application's
+# INSERT or UPDATE; mailqd's claim sets both) is held by no worker, and in
+# none of the indexes above on PostgreSQL. The rescuer returns these rows to
+# the queue and stats count them, through this index, which is empty in
+# normal operation (nothing to maintain on the hot path).
+UNLEASED = (email_queue.c.status == sa.literal_column("'sending'")) & (
+    email_queue.c.lease_owner.is_(None) | email_queue.c.lease_expires_at.is_(None)
+)
+sa.Index(
+    "ix_email_queue_unleased",
+    email_queue.c.id,
+    postgresql_where=UNLEASED,
+    sqlite_where=UNLEASED,
 )
 # Stats, `failed` listings and cleanup go by status, then age, over finished
 # jobs. Partial on PostgreSQL: pending and sending rows are counted and

@@ -51,6 +51,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from mailqd.models import Job, Outcome, Status
 from mailqd.rules import envelope_addresses
 from mailqd.store import buckets
+from mailqd.store.rows import UnreadableRow
 from mailqd.store.schema import add_seconds, dedup, email_attempts, email_queue, recipient_counts
 
 __all__ = [
@@ -138,10 +139,12 @@ class ScreenedClaim:
 
     jobs: list[Job]
     screened: list[Screened] = field(default_factory=list)
+    unreadable: list[UnreadableRow] = field(default_factory=list)
+    """Rows that could not be read: already failed, each with its column in `last_error`."""
 
     @property
     def claimed(self) -> int:
-        return len(self.jobs) + len(self.screened)
+        return len(self.jobs) + len(self.screened) + len(self.unreadable)
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for s in self.screened if s.outcome is outcome)
@@ -191,7 +194,10 @@ def content_hash(job: Job, open_variables: Callable[[Any], Any] | None = None) -
         "template_id": job.template_id,
         "variables": variables,
     }
-    text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
+    try:
+        text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
+    except (RecursionError, ValueError):  # variables nested too deeply: like no other job
+        text = json.dumps({**content, "variables": {"unhashable job": job.id}}, default=str)
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 

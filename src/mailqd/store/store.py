@@ -9,6 +9,7 @@ that still holds the job.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,12 +33,13 @@ from mailqd.models import (
     Status,
     WindowStats,
 )
-from mailqd.store import screening
+from mailqd.store import rows, screening
 from mailqd.store.engine import make_engine
 from mailqd.store.enqueue import PsycopgWriter, SqlAlchemyWriter, write_jobs
 from mailqd.store.schema import (
     LEASED,
     NOTIFY_CHANNEL,
+    UNLEASED,
     add_seconds,
     email_attempts,
     email_queue,
@@ -54,6 +56,8 @@ a = email_attempts
 _CLEANUP_BATCH = 1000
 _SCREENED_OUTCOMES = (Outcome.DUPLICATE, Outcome.DEFERRED, Outcome.THROTTLED)
 """Attempt rows of jobs set aside at claim time (`claim_screened`): nothing was tried."""
+LONGEST_LEASE = 86400.0
+"""Seconds: a lease ending further ahead was given by no worker, and is rescued (`rescue`)."""
 _FIVE_MINUTES = 300.0
 _HOUR = 3600.0
 
@@ -149,8 +153,12 @@ def _read_counts(conn: sa.Connection) -> dict[Status, int]:
     return {Status(status): n for status, n in conn.execute(_counts_by_status()) if n}
 
 
-def _claim_statement(at: sa.ColumnElement[datetime]) -> sa.Update:
-    """The claim, with `b_limit`, `b_owner` and `b_lease` (seconds) bound at execution."""
+def _claim_statement(at: sa.ColumnElement[datetime], *, rowids: bool = False) -> sa.Update:
+    """The claim, with `b_limit`, `b_owner` and `b_lease` (seconds) bound at execution.
+
+    With `rowids` it returns SQLite's rowid of each row, not the row: what
+    `rows.claim_by_rowid` reads a batch with that SQLite's driver refused.
+    """
     due = (
         sa.select(q.c.id)
         .where(_status_is(Status.PENDING), q.c.next_attempt_at <= at)
@@ -169,7 +177,7 @@ def _claim_statement(at: sa.ColumnElement[datetime]) -> sa.Update:
             lease_expires_at=add_seconds(at, sa.bindparam("b_lease", type_=sa.Float)),
             updated_at=at,
         )
-        .returning(*q.c)
+        .returning(*((rows.ROWID,) if rowids else q.c))
     )
 
 
@@ -237,14 +245,6 @@ SELECT count(*) FROM changed
 # per claim). Tests that pass `now` get a fresh statement with that time.
 _CLAIM_AT_DB_TIME = _claim_statement(utcnow())
 _COMPLETE_AT_DB_TIME = _complete_statement(utcnow())
-
-
-def _job_from_row(row: sa.Row[Any]) -> Job:
-    values = row._mapping
-    return Job(
-        **{name: values[name] for name in Job.__slots__ if name != "status"},
-        status=Status(values["status"]),
-    )
 
 
 class Store:
@@ -321,16 +321,32 @@ class Store:
 
         On PostgreSQL the due rows are locked with SKIP LOCKED, so concurrent
         claimers each get different jobs without waiting on each other; on
-        SQLite the transaction holds the database's write lock.
+        SQLite the transaction holds the database's write lock. Rows that
+        cannot be read are failed, not returned (see `claim_batch`).
+        """
+        return self.claim_batch(owner, limit, lease_seconds, now).jobs
+
+    def claim_batch(
+        self, owner: str, limit: int, lease_seconds: float, now: datetime | None = None
+    ) -> ScreenedClaim:
+        """`claim`, also saying which claimed rows could not be read.
+
+        Those are failed in the claim, alone, each with a `last_error` naming
+        the column (`mailqd.store.rows`); the others are handed on.
         """
         if limit <= 0:
-            return []
-        stmt = _CLAIM_AT_DB_TIME if now is None else _claim_statement(_now(now))
+            return ScreenedClaim([])
         params = {"b_limit": limit, "b_owner": owner, "b_lease": lease_seconds}
-        with self._one_statement() as conn:
-            jobs = [_job_from_row(row) for row in conn.execute(stmt, params)]
-        jobs.sort(key=lambda j: (-j.priority, j.next_attempt_at, j.id))
-        return jobs
+        try:
+            with self._one_statement() as conn:
+                result = conn.execute(self._claim_for(now), params)
+                claimed = rows.read_claimed(conn, self.dialect, result, owner)
+        except rows.RereadNeeded:
+            with self._begin() as conn:
+                claimed = rows.claim_by_rowid(
+                    conn, self._claim_for(now, rowids=True), params, owner
+                )
+        return ScreenedClaim(claimed.in_claim_order(), unreadable=claimed.unreadable)
 
     def claim_screened(
         self,
@@ -340,7 +356,7 @@ class Store:
         rules: ScreenRules,
         now: datetime | None = None,
     ) -> ScreenedClaim:
-        """`claim`, then set aside duplicates and capped or throttled jobs, in one transaction.
+        """`claim_batch`, then set aside duplicates, capped and throttled jobs, in one transaction.
 
         What `rules` turns away is recorded before this returns (see
         `mailqd.store.screening`); only the jobs to send are held. One
@@ -348,12 +364,29 @@ class Store:
         """
         if limit <= 0:
             return ScreenedClaim([])
-        stmt = _CLAIM_AT_DB_TIME if now is None else _claim_statement(_now(now))
         params = {"b_limit": limit, "b_owner": owner, "b_lease": lease_seconds}
-        with self._begin() as conn:
-            jobs = [_job_from_row(row) for row in conn.execute(stmt, params)]
-            jobs.sort(key=lambda j: (-j.priority, j.next_attempt_at, j.id))
-            return screening.screen(conn, self.dialect, jobs, rules, owner)
+        try:
+            with self._begin() as conn:
+                result = conn.execute(self._claim_for(now), params)
+                claimed = rows.read_claimed(conn, self.dialect, result, owner)
+                return self._screen(conn, claimed, rules, owner)
+        except rows.RereadNeeded:
+            with self._begin() as conn:
+                claimed = rows.claim_by_rowid(
+                    conn, self._claim_for(now, rowids=True), params, owner
+                )
+                return self._screen(conn, claimed, rules, owner)
+
+    def _claim_for(self, now: datetime | None, *, rowids: bool = False) -> sa.Update:
+        if now is None and not rowids:
+            return _CLAIM_AT_DB_TIME
+        return _claim_statement(_now(now), rowids=rowids)
+
+    def _screen(
+        self, conn: sa.Connection, claimed: rows.Claimed, rules: ScreenRules, owner: str
+    ) -> ScreenedClaim:
+        screened = screening.screen(conn, self.dialect, claimed.in_claim_order(), rules, owner)
+        return dataclasses.replace(screened, unreadable=claimed.unreadable)
 
     def purge_screening(self, dedup_window: float, now: datetime | None = None) -> int:
         """Delete hash rows older than `dedup_window` and per-recipient counts of past hours."""
@@ -439,19 +472,30 @@ class Store:
             return conn.execute(stmt).rowcount
 
     def rescue(
-        self, *, owner: str | None = None, now: datetime | None = None, limit: int = 1000
+        self,
+        *,
+        owner: str | None = None,
+        now: datetime | None = None,
+        limit: int = 1000,
+        longest_lease: float = LONGEST_LEASE,
     ) -> list[str]:
         """Return jobs whose worker is gone to the queue; returns their ids.
 
         Without `owner`: jobs whose lease has expired (their daemon died, or
-        hung). With `owner`: every job that worker holds, expired or not (the
-        supervisor saw it die). The interrupted attempt is counted and
-        recorded as `lost`, so a message that kills every worker that tries
-        it runs out of attempts instead of looping forever.
+        hung), and `sending` rows no worker can hold: with no lease at all,
+        or one ending more than `longest_lease` seconds from now, which no
+        worker gives (plain SQL wrote them). With `owner`: every job that
+        worker holds, expired or not (the supervisor saw it die). The
+        interrupted attempt is counted and recorded as `lost`, so a message
+        that kills every worker that tries it runs out of attempts instead
+        of looping forever.
         """
         at = _now(now)
-        cond = _held()
-        cond &= (q.c.lease_owner == owner) if owner is not None else (q.c.lease_expires_at < at)
+        too_long = q.c.lease_expires_at > add_seconds(at, longest_lease)
+        if owner is not None:
+            cond = _held() & (q.c.lease_owner == owner)
+        else:
+            cond = (_held() & ((q.c.lease_expires_at < at) | too_long)) | UNLEASED
         victims = (
             sa.select(q.c.id)
             .where(cond)
@@ -460,15 +504,26 @@ class Store:
             .cte("victims")
             .prefix_with("MATERIALIZED", dialect="postgresql")
         )
+        worker = sa.func.coalesce(q.c.lease_owner, "?")
+        why = sa.case(
+            (UNLEASED, sa.literal("sending with no lease: no worker held it")),
+            (
+                too_long,
+                sa.literal("lease longer than any worker gives: the worker ")
+                + worker
+                + sa.literal(" cannot hold it"),
+            ),
+            else_=sa.literal("lease expired: the worker ")
+            + worker
+            + sa.literal(" stopped during delivery"),
+        )
         stmt = (
             q.update()
             .where(q.c.id.in_(sa.select(victims.c.id)), cond)
             .values(
                 status=Status.PENDING,
-                attempts=q.c.attempts + 1,
-                last_error=sa.literal("lease expired: the worker ")
-                + sa.func.coalesce(q.c.lease_owner, "?")
-                + sa.literal(" stopped during delivery"),
+                attempts=rows.counted_attempt(),
+                last_error=why,
                 lease_owner=None,
                 lease_expires_at=None,
                 next_attempt_at=at,
@@ -476,9 +531,9 @@ class Store:
             )
             .returning(q.c.id, q.c.attempts, q.c.last_error)
         )
-        with self._begin() as conn:
-            rows = list(conn.execute(stmt))
-            if rows:
+        with self._begin() as conn, rows.replacing_bad_utf8(conn):  # an id plain SQL wrote
+            rescued = list(conn.execute(stmt))
+            if rescued:
                 started = conn.execute(sa.select(at)).scalar_one()
                 conn.execute(
                     a.insert(),
@@ -492,11 +547,11 @@ class Store:
                             "smtp_text": r.last_error,
                             "worker": owner,
                         }
-                        for r in rows
+                        for r in rescued
                     ],
                 )
                 self._notify(conn)
-        return [r.id for r in rows]
+        return [r.id for r in rescued]
 
     # -- the operator's operations -------------------------------------------
 
@@ -562,22 +617,24 @@ class Store:
             .returning(*q.c)
         )
         with self._begin() as conn:
-            row = conn.execute(stmt).first()
-            if row is None:
+            again = sa.select(q).where(q.c.id == job_id)
+            found = rows.read_jobs(conn, conn.execute(stmt), again)
+            if not found:
                 status = conn.execute(sa.select(q.c.status).where(q.c.id == job_id)).scalar()
                 if status is None:
                     raise JobNotFoundError(job_id)
                 raise JobStateError(job_id, status, operation)
-            if row.status == Status.PENDING:
+            if found[0].status == Status.PENDING:
                 self._notify(conn)
-        return _job_from_row(row)
+        return found[0]
 
     def get(self, job_id: str) -> Job:
         with self._begin() as conn:
-            row = conn.execute(sa.select(q).where(q.c.id == job_id)).first()
-        if row is None:
+            stmt = sa.select(q).where(q.c.id == job_id)
+            found = rows.read_jobs(conn, conn.execute(stmt), stmt)
+        if not found:
             raise JobNotFoundError(job_id)
-        return _job_from_row(row)
+        return found[0]
 
     def attempts(self, job_id: str) -> list[Attempt]:
         """A job's attempts in the order they were recorded.
@@ -609,7 +666,7 @@ class Store:
             .limit(limit)
         )
         with self._begin() as conn:
-            return [_job_from_row(r) for r in conn.execute(stmt)]
+            return rows.read_jobs(conn, conn.execute(stmt), stmt)
 
     def counts(self, now: datetime | None = None) -> QueueCounts:
         """Jobs per status, and how long the oldest due pending job has waited."""
@@ -736,6 +793,7 @@ class Store:
             due, oldest, retrying, soon = conn.execute(pending_stmt).one()
             sent_5m, failed_5m, sent_1h, failed_1h = conn.execute(finished_stmt).one()
             attempts = conn.execute(attempts_stmt).one()
+            unleased = conn.execute(sa.select(sa.func.count()).where(UNLEASED)).scalar_one()
         return QueueStats(
             at=taken_at,
             counts=QueueCounts(by_status=counts, oldest_due_age_seconds=oldest),
@@ -745,6 +803,7 @@ class Store:
             soon_seconds=soon_seconds,
             last_5m=WindowStats(_FIVE_MINUTES, sent_5m, failed_5m, *attempts[:3]),
             last_1h=WindowStats(_HOUR, sent_1h, failed_1h, *attempts[3:]),
+            unleased=unleased,
         )
 
     # -- gauges and totals, for the metrics sidecar ------------------------------------
