@@ -8,6 +8,7 @@ strings and items for lists; integers are measured in bits.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -41,34 +42,86 @@ Size = tuple[int, str]
 def text_size(value: Any, limit: int) -> int:
     """At least the length of `str(value)`, counted only up to just over `limit`.
 
-    Containers are walked as `str()` would write them: a list that holds
-    the same list twice counts it twice, so a structure that doubles with
-    each level is found out after `limit` steps, not after 2**depth.
+    Containers count as `str()` would write them: a list that holds the
+    same list twice counts it twice. Each distinct container is measured
+    once (its size is remembered by identity), so a structure that doubles
+    with each level costs one step per level, not 2**depth; a cycle (a
+    `namespace()` that holds itself) counts as over the limit.
     """
     if isinstance(value, str):
         return len(value)
-    total = 0
+    if _children(value) is None:
+        return _leaf_size(value)
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
     stack = [value]
-    while stack and total <= limit:
-        item = stack.pop()
-        if isinstance(item, str):
-            total += len(item) + 2
-        elif isinstance(item, bool) or item is None:
-            total += 5
-        elif isinstance(item, int):
-            total += item.bit_length() * 3 // 10 + 2
-        elif isinstance(item, float):
-            total += 24
-        elif isinstance(item, list | tuple | set | frozenset | dict):
-            total += 2 + 4 * len(item)
-            if total <= limit:
-                stack.extend(item.items() if isinstance(item, dict) else item)
-        elif isinstance(item, Namespace):
-            total += 12
-            stack.append(object.__getattribute__(item, "_Namespace__attrs"))
-        else:
-            total += 80  # a macro, a loop, a cycler: Python's short default repr
-    return total
+    while stack:
+        item = stack[-1]
+        if id(item) in sizes:
+            stack.pop()
+            continue
+        children = _children(item) or ()
+        pending = [
+            c
+            for c in children
+            if type(c) not in _LEAVES and _children(c) is not None and id(c) not in sizes
+        ]
+        if pending and id(item) not in open_:
+            open_.add(id(item))
+            if any(id(c) in open_ for c in pending):
+                return limit + 1
+            stack.extend(pending)
+            continue
+        if pending:  # a child is still open: it is one of this item's ancestors
+            return limit + 1
+        total = 2 + 2 * len(children)
+        for child in children:
+            kind = type(child)
+            if kind is str:
+                total += len(child) + 4
+            elif kind is int:
+                total += child.bit_length() * 3 // 10 + 3
+            else:
+                total += sizes[id(child)] if id(child) in sizes else _leaf_size(child)
+            if total > limit:
+                return total
+        sizes[id(item)] = total
+        open_.discard(id(item))
+        stack.pop()
+    return sizes[id(value)]
+
+
+def _children(item: Any) -> Any:
+    """What a container holds (a list, a tuple, a mapping's keys and values); None for a leaf."""
+    kind = type(item)
+    if kind in _LEAVES:
+        return None
+    if kind is list or kind is tuple:
+        return item
+    if kind is dict:
+        return [*item.keys(), *item.values()]
+    if isinstance(item, str):
+        return None
+    if isinstance(item, list | tuple | set | frozenset):
+        return list(item)
+    if isinstance(item, Mapping):
+        return [*item.keys(), *item.values()]
+    if isinstance(item, Namespace):
+        return [object.__getattribute__(item, "_Namespace__attrs")]
+    return None
+
+
+_LEAVES = frozenset({str, int, float, bool, type(None)})
+
+
+def _leaf_size(item: Any) -> int:
+    if isinstance(item, str):
+        return len(item) + 4
+    if isinstance(item, int) and not isinstance(item, bool):
+        return item.bit_length() * 3 // 10 + 3
+    if isinstance(item, bool | float) or item is None:
+        return 26
+    return 80  # a macro, a loop, a cycler: Python's short default repr
 
 
 def largest_number(spec: str) -> int:
@@ -126,7 +179,7 @@ def binop_size(operator: str, left: Any, right: Any, limit: int) -> Size:
         return 0, ""
     if operator == "**":
         if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
-            return left.bit_length() * right, "bits"
+            return int(math.log2(abs(left)) * right) + 1, "bits"
         return 0, ""
     if operator == "+":
         if isinstance(left, str) and isinstance(right, str):
@@ -298,10 +351,9 @@ MATERIALIZING_FILTERS = frozenset({"join", "batch", "slice", "sum"})
 
 STRUCTURAL_FILTERS = frozenset(
     {
-        "abs", "attr", "batch", "count", "d", "default", "dictsort", "first", "float",
-        "groupby", "int", "items", "last", "length", "list", "map", "max", "min", "random",
-        "reject", "rejectattr", "reverse", "round", "select", "selectattr", "slice", "sort",
-        "sum", "unique",
+        "abs", "attr", "batch", "count", "d", "default", "first", "float", "int", "items",
+        "last", "length", "list", "map", "random", "reject", "rejectattr", "reverse",
+        "round", "select", "selectattr", "slice", "sum",
     }
 )  # fmt: skip
-"""Filters that do not turn their input into text: it is not measured for them."""
+"""Filters that neither turn their input into text nor compare its items: not measured."""

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import jinja2
 from jinja2 import nodes
-from jinja2.compiler import CodeGenerator, Frame
+from jinja2.compiler import CodeGenerator, Frame, operators
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
@@ -112,6 +112,14 @@ class Meter:
             )
         self.tick()
 
+    def measure(self, value: Any, doing: str) -> None:
+        """Refuse `doing` something with a value whose text would be over the limit."""
+        if not isinstance(value, _SMALL) and bounds.text_size(value, self.limit) > self.limit:
+            raise TooLarge(
+                f"{doing} a value larger than {self.limit} characters (template_max_output_bytes)"
+            )
+        self.tick()
+
     def charge(self, value: _T) -> _T:
         """Count what a step built; the render fails once it built too much in all."""
         if isinstance(value, str | list | tuple | dict):
@@ -131,6 +139,7 @@ class Meter:
         self.tick()
 
 
+_SMALL = (str, int, float, type(None))
 _CURRENT: ContextVar[Meter | None] = ContextVar("mailqd_template_meter", default=None)
 
 
@@ -157,6 +166,28 @@ class _BoundedCodeGenerator(CodeGenerator):
         guard = nodes.EnvironmentAttribute("loop_guard", lineno=node.lineno)
         node.iter = nodes.Call(guard, [node.iter], [], None, None, lineno=node.lineno)
         super().visit_For(node, frame)
+
+    def visit_Compare(self, node: nodes.Compare, frame: Frame) -> None:
+        """`a == b`, `a in b`: each operand measured first, so no comparison can be endless."""
+        self.write("(environment.compared(")
+        self.visit(node.expr, frame)
+        self.write(")")
+        for operand in node.ops:
+            self.write(f" {operators[operand.op]} environment.compared(")
+            self.visit(operand.expr, frame)
+            self.write(")")
+        self.write(")")
+
+    def visit_Dict(self, node: nodes.Dict, frame: Frame) -> None:
+        """`{key: value}`: each key measured before it is hashed."""
+        self.write("{")
+        for item in node.items:
+            self.write("environment.compared(")
+            self.visit(item.key, frame)
+            self.write("): ")
+            self.visit(item.value, frame)
+            self.write(", ")
+        self.write("}")
 
     def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
         if frame.eval_ctx.volatile:
@@ -197,6 +228,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def __init__(self, **options: Any) -> None:
         super().__init__(finalize=_finalize, **options)
         self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
+        self.tests = {name: _measured_test(f) for name, f in self.tests.items()}  # type: ignore[arg-type]
         self.globals["lipsum"] = _bounded_lipsum
 
     @staticmethod
@@ -212,6 +244,10 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         meter = current_meter()
         meter.refuse_over("'~'", sum(bounds.text_size(p, meter.limit) for p in parts))
         return meter.charge((markup_join if markup else str_join)(parts))
+
+    def compared(self, value: _T) -> _T:
+        current_meter().measure(value, "comparing or hashing")
+        return value
 
     def loop_guard(self, iterable: Iterable[Any]) -> Iterator[Any]:
         meter = current_meter()
@@ -236,23 +272,24 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any
     ) -> Any:
         meter = current_meter()
+        meter.tick()
         size, unit = bounds.binop_size(operator, left, right, meter.limit)
         if unit == "bits":
             if size > bounds.MAX_INT_BITS:
                 raise TooLarge(
                     f"{operator!r} would build a number of about {size * 3 // 10} digits"
                 )
-            meter.tick()
-        else:
+        elif unit:
             meter.refuse_over(repr(operator), size, unit)
-        return meter.charge(super().call_binop(context, operator, left, right))
+        result = self.binop_table[operator](left, right)
+        return meter.charge(result) if unit and unit != "bits" else result
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         current_meter().tick()
         return super().getattr(obj, attribute)
 
     def getitem(self, obj: Any, argument: Any) -> Any:
-        current_meter().tick()
+        current_meter().measure(argument, "looking up")
         return super().getitem(obj, argument)
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
@@ -285,9 +322,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
 def _finalize(value: Any) -> Any:
     """Every `{{ value }}`: measured before it becomes text."""
-    meter = current_meter()
-    if not isinstance(value, str):
-        meter.refuse_over("printing a value", bounds.text_size(value, meter.limit))
+    current_meter().measure(value, "printing")
     return value
 
 
@@ -306,8 +341,8 @@ def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
         meter.tick()
         if name in bounds.MATERIALIZING_FILTERS and not isinstance(value, list | tuple | str):
             value = list(value)
-        if measures and not isinstance(value, str):
-            meter.refuse_over(f"filter {name!r}", bounds.text_size(value, meter.limit))
+        if measures:
+            meter.measure(value, f"filter {name!r} on")
         if estimate is not None:
             size, unit = estimate(value, args, kwargs, meter.limit)
             meter.refuse_over(f"filter {name!r}", size, unit)
@@ -323,6 +358,18 @@ def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
 
     # After update_wrapper, which would copy the wrapped filter's own pass_* mark.
     return jinja2.pass_context(update_wrapper(bounded, function))
+
+
+def _measured_test(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A test (`is in`, `is eq`, ...) whose operands are measured before it compares them."""
+
+    def measured(*args: Any, **kwargs: Any) -> Any:
+        meter = current_meter()
+        for value in (*args, *kwargs.values()):
+            meter.measure(value, "testing")
+        return function(*args, **kwargs)
+
+    return update_wrapper(measured, function)
 
 
 def _bounded_lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:

@@ -29,10 +29,11 @@ from jinja2.utils import missing
 
 from mailqd.sandbox import Meter, current_meter
 
-__all__ = ["SafeUndefined", "clean", "scrub"]
+__all__ = ["SafeUndefined", "UnsafeAccess", "clean", "scrub"]
 
 _WORD = re.compile(r"\w{1,64}")
 _QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+_TYPE_NAME = re.compile(r"'\w{1,64}'(?= object)")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _TYPE_WORDS = frozenset(
     {"str", "int", "float", "bool", "list", "dict", "tuple", "set", "frozenset", "bytes"}
@@ -43,10 +44,23 @@ _MAX_TEXT = 300
 _SEARCHED = 2000
 
 
+class UnsafeAccess(SecurityError):
+    """The sandbox refused an attribute; the message is `SafeUndefined`'s, safe as it is."""
+
+
 class SafeUndefined(jinja2.StrictUndefined):
     """`StrictUndefined` whose error says which variable lacked which name, but no value."""
 
     __slots__ = ()
+
+    def __init__(
+        self,
+        hint: str | None = None,
+        obj: Any = missing,
+        name: str | None = None,
+        exc: type[jinja2.TemplateRuntimeError] = jinja2.UndefinedError,
+    ) -> None:
+        super().__init__(hint, obj, name, UnsafeAccess if issubclass(exc, SecurityError) else exc)
 
     @property
     def _undefined_message(self) -> str:
@@ -113,9 +127,17 @@ def _segment(key: Any, meter: Meter) -> str:
 
 def scrub(text: str, meter: Meter) -> str:
     """Another library's error text, without anything that may be a variable's value."""
-    text = _QUOTED.sub(lambda m: m.group() if _known(m.group()[1:-1], meter) else "'…'", text)
+
+    def shown(match: re.Match[str]) -> str:
+        quoted = match.group()
+        if _known(quoted[1:-1], meter) or _TYPE_NAME.match(text, match.start()):
+            return quoted
+        return "'…'"
+
+    text = _QUOTED.sub(shown, text)
     for value in _values(meter.values):
-        text = text.replace(value, "***")
+        if value in text:
+            text = re.sub(rf"(?<!\w){re.escape(value)}(?!\w)", "***", text)
     return clean(text)
 
 

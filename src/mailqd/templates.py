@@ -36,7 +36,7 @@ from jinja2.exceptions import SecurityError
 from mailqd.errors import MissingContentError, TemplateError, ValidationError
 from mailqd.models import Template
 from mailqd.sandbox import BoundedSandbox, BudgetExceeded, Meter, RenderBudget, TooLarge, metered
-from mailqd.template_errors import SafeUndefined, clean, scrub
+from mailqd.template_errors import SafeUndefined, UnsafeAccess, clean, scrub
 
 __all__ = [
     "CompiledTemplate",
@@ -149,8 +149,11 @@ def _render(
         raise TemplateError(template.id, f"{exc} in {where}") from None
     except TooLarge as exc:
         raise TemplateError(template.id, f"refused by the sandbox in {where}: {exc}") from None
-    except jinja2.UndefinedError as exc:
-        raise TemplateError(template.id, f"{scrub(str(exc), meter)} in {where}") from None
+    except jinja2.UndefinedError as exc:  # SafeUndefined's words: safe to show as they are
+        raise TemplateError(template.id, f"{clean(str(exc))} in {where}") from None
+    except UnsafeAccess as exc:
+        problem = clean(str(exc))
+        raise TemplateError(template.id, f"refused by the sandbox in {where}: {problem}") from None
     except SecurityError as exc:
         problem = scrub(str(exc), meter)
         raise TemplateError(template.id, f"refused by the sandbox in {where}: {problem}") from None
