@@ -56,6 +56,8 @@ DOUBLING = (
     "{% set ns = namespace(s='x', l=[1], n=3, a=[1], b=[1], t=(1,)) %}{% for i in range(64) %}"
 )
 END = "{% endfor %}"
+TUPLES = DOUBLING + "{% set ns.t = (ns.t, ns.t) %}" + END
+LISTS = DOUBLING + "{% set ns.a = [ns.a, ns.a] %}{% set ns.b = [ns.b, ns.b] %}" + END
 
 BOMBS: list[tuple[str, str, dict[str, Any], str]] = [
     # (id, text body, variables, what the error must say)
@@ -224,6 +226,27 @@ BOMBS: list[tuple[str, str, dict[str, Any], str]] = [
         {},
         "'~' would build",
     ),
+    (
+        "shared tuple dict.get",
+        TUPLES + "{% set d = {} %}{{ d.get(ns.t) }}",
+        {},
+        "calling 'get' with",
+    ),
+    (
+        "shared tuple set minus",
+        TUPLES + "{{ {}.keys() - [ns.t] }}",
+        {},
+        "subtracting a value larger",
+    ),
+    ("shared list index", LISTS + "{{ [ns.a].index(ns.b) }}", {}, "calling 'index' with a value"),
+    (
+        "shared list loop.changed",
+        LISTS + "{% for i in [ns.a, ns.b] %}{{ loop.changed(i) }}{% endfor %}",
+        {},
+        "calling 'changed' with a value larger",
+    ),
+    ("shared tuple dict()", TUPLES + "{{ dict([(ns.t, 1)]) }}", {}, "calling 'dict' with a value"),
+    ("shared tuple unique", TUPLES + "{{ [ns.t, ns.t]|unique|list }}", {}, "filter 'unique' on a"),
     (
         "macro buffer",
         "{% macro m() %}{% for i in range(20000) %}{{ 'x' *"

@@ -38,7 +38,7 @@ import jinja2
 from jinja2 import nodes
 from jinja2.compiler import CodeGenerator, Frame, operators
 from jinja2.exceptions import SecurityError
-from jinja2.runtime import markup_join, str_join
+from jinja2.runtime import LoopContext, markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
 from markupsafe import EscapeFormatter, Markup
 
@@ -223,7 +223,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox whose every hook keeps the current render's budget."""
 
     code_generator_class = _BoundedCodeGenerator
-    intercepted_binops = frozenset({"+", "*", "**", "%"})
+    intercepted_binops = frozenset({"+", "-", "*", "**", "%"})
 
     def __init__(self, **options: Any) -> None:
         super().__init__(finalize=_finalize, **options)
@@ -266,6 +266,9 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             args = bounds.materialized(name, args)
             estimate = bounds.STR_METHODS[name]
             meter.refuse_over(repr(name), estimate(owner, args, kwargs, meter.limit))
+        if _compares_arguments(__obj):
+            for value in (*args, *kwargs.values()):
+                meter.measure(value, f"calling {name!r} with")
         return meter.charge(super().call(__context, __obj, *args, **kwargs))
 
     def call_binop(
@@ -281,6 +284,9 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                 )
         elif unit:
             meter.refuse_over(repr(operator), size, unit)
+        elif operator == "-":  # a set difference (`d.keys() - other`) hashes every item
+            meter.measure(left, "subtracting")
+            meter.measure(right, "subtracting")
         result = self.binop_table[operator](left, right)
         return meter.charge(result) if unit and unit != "bits" else result
 
@@ -318,6 +324,16 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             return str_type(formatter.vformat(f_self, args, kwargs))
 
         return update_wrapper(wrapper, value)
+
+
+def _compares_arguments(function: Any) -> bool:
+    """Python's own callables (`dict.get`, `list.index`, `dict`, ...) may hash or compare
+    their arguments, as does `loop.changed`; a macro or a filter does not."""
+    if isinstance(function, types.BuiltinFunctionType | types.BuiltinMethodType | type):
+        return True
+    return getattr(function, "__name__", "") == "changed" and isinstance(
+        getattr(function, "__self__", None), LoopContext
+    )
 
 
 def _finalize(value: Any) -> Any:
