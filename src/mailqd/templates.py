@@ -107,6 +107,10 @@ def _compile(
         raise TemplateError(
             template_id, f"syntax error in {_PART_NAMES[part]}, line {exc.lineno}: {problem}"
         ) from None
+    except RecursionError:
+        raise TemplateError(
+            template_id, f"{_PART_NAMES[part]} nests too deeply to compile (brackets, blocks)"
+        ) from None
 
 
 def render(
