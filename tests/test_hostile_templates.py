@@ -593,7 +593,7 @@ def test_budget_keys_have_defaults_come_from_the_environment_and_are_validated()
         ),
         (
             {"MAILQD_TEMPLATE_RENDER_SECONDS": "60"},
-            "config template_render_seconds: must be less than heartbeat_timeout",
+            "config template_render_seconds: must be at most heartbeat_timeout",
         ),
         (
             {"MAILQD_TEMPLATE_MAX_OUTPUT_BYTES": "10"},

@@ -137,8 +137,17 @@ _PERCENT = re.compile(
 )
 
 
+_LONG_NUMBER = re.compile(r"\d{5}|\*")
+
+
 def percent_size(template: str, args: Any, limit: int) -> int:
     """At least the length of `template % args`: widths, precisions and converted values."""
+    if not _LONG_NUMBER.search(template):  # every width and precision is under 10,000
+        values = args if isinstance(args, tuple) else (args,)
+        quick = len(template) + template.count("%") * 20_000
+        quick += sum(text_size(v, limit) for v in values)
+        if quick <= limit:
+            return quick
     positional = list(args) if isinstance(args, tuple) else [args]
     mapping = args if isinstance(args, Mapping) else None
     total = len(template)

@@ -206,9 +206,9 @@ def _validated(settings: Settings) -> Settings:
     smtp_password_source(settings, env={})  # two passwords set: say so before anything runs
     if settings.backoff_max < settings.backoff_base:
         raise ConfigError("backoff_max", "must be at least backoff_base")
-    if settings.template_render_seconds >= settings.heartbeat_timeout:
+    if settings.template_render_seconds > settings.heartbeat_timeout:
         # A render holds the worker's event loop: it must end before the supervisor's patience.
-        raise ConfigError("template_render_seconds", "must be less than heartbeat_timeout")
+        raise ConfigError("template_render_seconds", "must be at most heartbeat_timeout")
     from mailqd.store.engine import normalize_url
 
     normalize_url(settings.database_url)

@@ -88,13 +88,11 @@ class Meter:
     values: Mapping[str, Any] = field(default_factory=dict)
     deadline: float = 0.0
     built: int = 0
+    limit: int = 0
 
     def __post_init__(self) -> None:
         self.deadline = time.monotonic() + self.budget.seconds
-
-    @property
-    def limit(self) -> int:
-        return self.budget.max_output_bytes
+        self.limit = self.budget.max_output_bytes
 
     def tick(self) -> None:
         if time.monotonic() > self.deadline:
@@ -338,7 +336,8 @@ def _compares_arguments(function: Any) -> bool:
 
 def _finalize(value: Any) -> Any:
     """Every `{{ value }}`: measured before it becomes text."""
-    current_meter().measure(value, "printing")
+    if type(value) is not str:
+        current_meter().measure(value, "printing")
     return value
 
 
@@ -351,13 +350,14 @@ def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
     passes = getattr(getattr(function, "jinja_pass_arg", None), "name", None)
     estimate = bounds.FILTERS.get(name)
     measures = name not in bounds.STRUCTURAL_FILTERS
+    materializes = name in bounds.MATERIALIZING_FILTERS
 
     def bounded(context: jinja2.runtime.Context, value: Any, *args: Any, **kwargs: Any) -> Any:
         meter = current_meter()
         meter.tick()
-        if name in bounds.MATERIALIZING_FILTERS and not isinstance(value, list | tuple | str):
+        if materializes and not isinstance(value, list | tuple | str):
             value = list(value)
-        if measures:
+        if measures and type(value) is not str:
             meter.measure(value, f"filter {name!r} on")
         if estimate is not None:
             size, unit = estimate(value, args, kwargs, meter.limit)

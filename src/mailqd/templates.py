@@ -25,6 +25,7 @@ records it as the job's permanent failure.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -178,9 +179,11 @@ def _generate(compiled: jinja2.Template, meter: Meter) -> str:
     """The part's text, its size counted (UTF-8 bytes) as it is generated."""
     chunks: list[str] = []
     written = 0
+    limit, deadline, clock = meter.limit, meter.deadline, time.monotonic
     for chunk in compiled.generate(meter.values):
         written += len(chunk) if chunk.isascii() else len(chunk.encode("utf-8", "surrogatepass"))
-        meter.count_output(written)
+        if written > limit or clock() > deadline:
+            meter.count_output(written)  # raises, naming the budget
         chunks.append(chunk)
     return "".join(chunks)
 
