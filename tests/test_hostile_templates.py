@@ -282,14 +282,20 @@ BOMBS: list[tuple[str, str, dict[str, Any], str]] = [
         "{% set ns = namespace(l=[]) %}{% for i in range(100) %}"
         "{% set ns.l = ns.l + [('x' * 999990) ~ i] %}{% endfor %}",
         {},
-        "the template built more than 16000000 characters"
-        " in all (16 times template_max_output_bytes)",
+        "the template built more than 32000000 bytes in all (32 times template_max_output_bytes)",
+    ),
+    (
+        "many large wide values",
+        "{% set ns = namespace(l=[]) %}{% for i in range(100) %}"
+        "{% set ns.l = ns.l + [('\U0001d54f' * 999990) ~ i] %}{% endfor %}",
+        {},
+        "the template built more than 32000000 bytes",
     ),
     (
         "many format fields",
-        "{{ '" + "{0:>999999}" * 20 + "'.format('x') }}",
+        "{{ '" + "{0:>999999}" * 40 + "'.format('x') }}",
         {},
-        "the template built more than 16000000",
+        "the template built more than 32000000",
     ),
 ]
 

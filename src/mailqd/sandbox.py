@@ -26,6 +26,7 @@ the event loop or the memory for long. Exceeding the budget raises
 
 from __future__ import annotations
 
+import sys
 import time
 import types
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -51,7 +52,7 @@ __all__ = ["BUILT_FACTOR", "BoundedSandbox", "BudgetExceeded", "Meter", "RenderB
 
 _T = TypeVar("_T")
 
-BUILT_FACTOR = 16
+BUILT_FACTOR = 32
 """A render may build at most this many times `template_max_output_bytes` in all."""
 
 
@@ -119,14 +120,22 @@ class Meter:
         self.tick()
 
     def charge(self, value: _T) -> _T:
-        """Count what a step built; the render fails once it built too much in all."""
-        if isinstance(value, str | list | tuple | dict):
-            self.built += len(value)
-            if self.built > BUILT_FACTOR * self.limit:
-                raise BudgetExceeded(
-                    f"the template built more than {BUILT_FACTOR * self.limit} characters "
-                    f"in all ({BUILT_FACTOR} times template_max_output_bytes)"
-                )
+        """Count the memory a step built; the render fails once it built too much in all.
+
+        Strings count their real size (1 to 4 bytes a character), lists,
+        tuples and dicts 8 bytes an item (the items were counted when built).
+        """
+        if isinstance(value, str):
+            self.built += sys.getsizeof(value)
+        elif isinstance(value, list | tuple | dict):
+            self.built += 8 * len(value)
+        else:
+            return value
+        if self.built > BUILT_FACTOR * self.limit:
+            raise BudgetExceeded(
+                f"the template built more than {BUILT_FACTOR * self.limit} bytes "
+                f"in all ({BUILT_FACTOR} times template_max_output_bytes)"
+            )
         return value
 
     def count_output(self, written: int) -> None:
