@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -463,7 +463,7 @@ def test_peak_memory_stays_low_while_every_bomb_is_rendered() -> None:
     script = textwrap.dedent(
         """\
         import json, resource, sys
-        from datetime import UTC, datetime
+        from datetime import UTC, datetime, timedelta
         from mailqd.errors import TemplateError
         from mailqd.models import Template
         from mailqd.templates import RenderBudget, compile_template, render
@@ -665,6 +665,12 @@ def test_a_bomb_job_fails_at_once_and_the_job_beside_it_is_sent_at_its_first_att
     deliver_all(settings, store)
 
     assert time.monotonic() - started < 10
+    attempts = [a for job_id in [*jobs.values(), good, plain] for a in store.attempts(job_id)]
+    batch_start = min(a.started_at for a in attempts)
+    for job_id in (good, plain):  # waited for the slow template at most its budget (1 s)
+        [attempt] = store.attempts(job_id)
+        done = attempt.started_at + timedelta(seconds=attempt.duration_seconds)
+        assert (done - batch_start).total_seconds() < 1.0 + 3.0
     for name, error in bombs.items():
         job = store.get(jobs[name])
         assert (job.status, job.attempts) == (Status.FAILED, 1), (name, job.last_error)
