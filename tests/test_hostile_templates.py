@@ -136,6 +136,9 @@ BOMBS: list[tuple[str, str, dict[str, Any], str]] = [
     ),
     ("map filter", "{{ ['x']|map('center', 800000000)|list }}", {}, "filter 'center' would build"),
     ("lipsum", "{{ lipsum(800000000) }}", {}, "'lipsum' would build"),
+    ("attr format", "{{ ('{0:>800000000}'|attr('format'))('x') }}", {}, "'format' would build"),
+    ("attr ljust", "{{ ('x'|attr('ljust'))(800000000) }}", {}, "'ljust' would build"),
+    ("method kept in a variable", "{% set f = 'x'.zfill %}{{ f(800000000) }}", {}, "'zfill' would"),
     (
         "doubling ~",
         DOUBLING + "{% set ns.s = ns.s ~ ns.s %}" + END,
