@@ -729,5 +729,7 @@ def test_a_failing_template_never_writes_a_variable_value_anywhere(
     assert store.get(sealed[1]).last_error == (
         "cannot compose message: template 'spec': cannot render the text body: KeyError: '…'"
     )
-    assert events and "5501" not in repr(events)
+    logged = [str(e.get("error")) for e in events if e.get("outcome") == "failed"]
+    assert len(logged) == 4 and all(text.startswith("cannot compose message") for text in logged)
+    assert "5501" not in repr(events)
     assert smtp_server.messages == []
