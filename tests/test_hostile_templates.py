@@ -459,6 +459,9 @@ def test_a_large_legitimate_template_is_not_refused() -> None:
     text += "{% endfor %}"
     out = render(make_template(text), {"rows": rows}, ROOMY).text
     assert out is not None and out.count("\n") == 5000 and "SKU-04999 Item 4999 49.99" in out
+    prose = "Dear customer, see https://shop.example/orders for details. " * 3000  # 180 KB
+    out = render(make_template("{{ p|wordwrap(60) }}|{{ p|urlize }}"), {"p": prose}, ROOMY).text
+    assert out is not None and out.count('<a href="https://shop.example/orders"') == 3000
 
 
 def test_peak_memory_stays_low_while_every_bomb_is_rendered() -> None:

@@ -280,10 +280,13 @@ def _f_indent(value: Any, args: Args, kwargs: Kwargs, limit: int) -> Size:
 
 
 def _f_wordwrap(value: Any, args: Args, kwargs: Kwargs, limit: int) -> Size:
-    size = text_size(value, limit)
+    """One `wrapstring` per line at most; a line ends at a space, a newline or `width`."""
+    text = value if isinstance(value, str) else "x" * min(text_size(value, limit), limit + 1)
+    width = _count(_arg(args, kwargs, 0, "width", 79)) or 1
     wrapstring = _arg(args, kwargs, 2, "wrapstring", None)
     step = 1 if wrapstring is None else text_size(wrapstring, limit)
-    return size + (size + 1) * step, "characters"
+    lines = text.count(" ") + text.count("\n") + len(text) // width + 1
+    return len(text) + lines * step, "characters"
 
 
 def _f_truncate(value: Any, args: Args, kwargs: Kwargs, limit: int) -> Size:
@@ -333,10 +336,15 @@ def _f_tojson(value: Any, args: Args, kwargs: Kwargs, limit: int) -> Size:
 
 
 def _f_urlize(value: Any, args: Args, kwargs: Kwargs, limit: int) -> Size:
-    size = text_size(value, limit)
+    """The text escaped, each link written twice, plus its attributes for each link."""
+    if not isinstance(value, str):
+        return 6 * text_size(value, limit), "characters"
+    escaped = len(value) + 4 * (value.count("&") + value.count('"') + value.count("'"))
+    escaped += 3 * (value.count("<") + value.count(">"))
+    links = value.count(".") + value.count("@") + value.count(":") + 1
     extra = text_size(_arg(args, kwargs, 2, "target", ""), limit)
     extra += text_size(_arg(args, kwargs, 3, "rel", ""), limit)
-    return 3 * size + (size // 4 + 1) * (extra + 40), "characters"
+    return 2 * escaped + links * (extra + 60), "characters"
 
 
 FILTERS: dict[str, _FilterEstimate] = {
