@@ -219,7 +219,10 @@ class _BoundedFormatter(SandboxedFormatter):
 
     def format_field(self, value: Any, format_spec: str) -> Any:
         meter = current_meter()
-        size = bounds.text_size(value, meter.limit) + bounds.largest_number(format_spec)
+        if isinstance(value, int):  # `{:b}` writes a digit a bit, `{:,}` adds separators
+            size = value.bit_length() * 4 // 3 + 2 + bounds.largest_number(format_spec)
+        else:
+            size = bounds.text_size(value, meter.limit) + bounds.largest_number(format_spec)
         meter.refuse_over("'format'", size)
         return meter.charge(super().format_field(value, format_spec))
 
