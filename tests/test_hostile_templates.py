@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 import structlog
 
+from daemon_process import DaemonPool
 from mailqd import Client
 from mailqd.config import Settings, load_settings
 from mailqd.daemon.worker import Worker
@@ -43,6 +45,8 @@ from template_bombs import BOMBS, RECURSION, SLOW_BOMBS
 from test_worker import make_settings, smtp_factory
 
 __all__ = ["smtp_server_fixture"]
+
+SENDER = "shop@example.com"
 
 FAST = 1.5
 """A size bomb must be refused within this many seconds, under a 5 s time budget.
@@ -453,3 +457,54 @@ def test_a_failing_template_never_writes_a_variable_value_anywhere(
     assert len(logged) == 4 and all(text.startswith("cannot compose message") for text in logged)
     assert "5501" not in repr(events)
     assert smtp_server.messages == []
+
+
+@pytest.mark.timeout(120)
+def test_the_real_daemon_survives_bombs_with_its_worker_small_and_never_restarted(
+    daemons: DaemonPool, db_url: str, store: Store, smtp_server: SmtpServer
+) -> None:
+    """The issue's scenario end to end: a worker process, its peak RSS, the supervisor's view."""
+    chosen = ("nested range", "ljust", "shared list printed", "many large values", "output")
+    bodies = {b[0]: b[1] for b in [*BOMBS, *SLOW_BOMBS]}
+    bombs = {}
+    for number, name in enumerate(chosen):
+        put_template(store, f"bomb{number}", bodies[name])
+        bombs[name] = store.enqueue(
+            build_job(
+                to=f"b{number}@example.com", subject="s", template_id=f"bomb{number}", variables={}
+            )
+        )
+    put_template(store, "hello", "Hello {{ name }}")
+    good = store.enqueue(
+        build_job(
+            to="good@example.com", subject="s", template_id="hello", variables={"name": "Ann"}
+        )
+    )
+    daemon = daemons.mailqd(
+        {
+            "MAILQD_DATABASE_URL": db_url,
+            "MAILQD_SMTP_URL": smtp_server.url(starttls="off"),
+            "MAILQD_FROM": SENDER,
+            "MAILQD_WORKERS": "1",
+            "MAILQD_POLL_INTERVAL": "0.2",
+        }
+    )
+    [worker] = daemon.wait_for_workers(1, 60)
+
+    def settled() -> bool:
+        return all(store.get(j).status is Status.FAILED for j in bombs.values()) and (
+            store.get(good).status is Status.SENT
+        )
+
+    daemon.wait_for(settled, "bombs failed and the good job sent", 60)
+    for name, job_id in bombs.items():
+        job = store.get(job_id)
+        assert job.attempts == 1 and job.last_error is not None, name
+        assert "template_render_seconds" in job.last_error or (
+            "template_max_output_bytes" in job.last_error
+        ), job.last_error
+    assert store.get(good).attempts == 1
+    assert [list(m.rcpt_tos) for m in smtp_server.messages] == [["good@example.com"]]
+    assert daemon.worker_pids() == {worker}  # never killed nor restarted
+    peak_kb = int(re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{worker}/status").read_text())[1])
+    assert peak_kb < 150 * 1024, f"worker peak RSS {peak_kb // 1024} MB"
