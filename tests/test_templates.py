@@ -274,6 +274,26 @@ def test_cached_template_is_reread_after_its_time_and_a_missing_one_is_not_cache
     asyncio.run(scenario())
 
 
+def test_an_edited_template_is_compiled_once_however_many_deliveries_wait_for_it(
+    store: Store,
+) -> None:
+    now = [0.0]
+    cache = TemplateCache(store, ttl=5.0, clock=lambda: now[0])
+    add_welcome(store)
+
+    async def scenario() -> None:
+        first = await cache.get("welcome")
+        store.templates.put("welcome", "New {{ name }}", "new", None, replace=True)
+        now[0] = 5.0
+        results = await asyncio.gather(*(cache.get("welcome") for _ in range(20)))
+        assert len({id(r) for r in results}) == 1 and results[0] is not first
+        assert results[0] is not None and results[0].sources[0] == "New {{ name }}"
+        now[0] = 10.0
+        assert await cache.get("welcome") is results[0]  # read again, same sources: kept
+
+    asyncio.run(scenario())
+
+
 # -- encrypted variables ---------------------------------------------------------------
 
 

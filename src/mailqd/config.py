@@ -60,6 +60,9 @@ class Settings:
     recipient_hourly_cap: int = 0
     domain_rate_limits: str = ""
     """Messages per second per recipient domain, e.g. "example.com=10, *.example.org=2.5"."""
+    # Template render budget (docs/templates.md).
+    template_render_seconds: float = 1.0
+    template_max_output_bytes: int = 1_000_000
 
     @property
     def domain_rates(self) -> dict[str, float]:
@@ -110,6 +113,8 @@ _RULES: dict[str, dict[str, Any]] = {
     "max_body_bytes": {"low": 1},
     "dedup_window": {"low": 0},
     "recipient_hourly_cap": {"low": 0},
+    "template_render_seconds": {"low": 0.01},
+    "template_max_output_bytes": {"low": 1024},
 }
 
 
@@ -200,6 +205,9 @@ def _validated(settings: Settings) -> Settings:
     smtp_password_source(settings, env={})  # two passwords set: say so before anything runs
     if settings.backoff_max < settings.backoff_base:
         raise ConfigError("backoff_max", "must be at least backoff_base")
+    if settings.template_render_seconds > settings.heartbeat_timeout:
+        # A render holds the worker's event loop: it must end before the supervisor's patience.
+        raise ConfigError("template_render_seconds", "must be at most heartbeat_timeout")
     from mailqd.store.engine import normalize_url
 
     normalize_url(settings.database_url)

@@ -4,10 +4,13 @@ A template's subject, text and html are Jinja2 sources. They are compiled
 once (`compile_template`, also run when a template is added, so a broken one
 is refused before any job uses it) and rendered per message (`render`):
 
-- in Jinja2's immutable sandbox: templates cannot reach Python internals
-  (`{{ ''.__class__.__mro__ }}` is refused), call unsafe methods or modify
-  the variables; `range` is capped, and so are `*` and `**` on big operands,
-  so a template cannot make a worker build a gigabyte string;
+- in Jinja2's immutable sandbox (`mailqd.sandbox`): templates cannot reach
+  Python internals (`{{ ''.__class__.__mro__ }}` is refused), call unsafe
+  methods or modify the variables; and within a `RenderBudget`: a render
+  that takes longer than `template_render_seconds`, writes a part larger
+  than `template_max_output_bytes`, or would build a value larger than
+  that (`'x'.ljust(800000000)`, `'x' * N`, a doubling loop) fails, before
+  the value is built;
 - with `StrictUndefined`: a variable the template uses but the job does not
   give is an error, never an empty string in a sent mail;
 - the html part auto-escaped (a `<script>` in a variable arrives as text),
@@ -15,12 +18,14 @@ is refused before any job uses it) and rendered per message (`render`):
   must still be one line, so a variable with CR/LF cannot add a header.
 
 Every failure is a `TemplateError` naming the template, the part and the
-problem; the daemon records it as the job's permanent failure.
+problem, never a variable's value (`mailqd.template_errors`); the daemon
+records it as the job's permanent failure.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,45 +33,27 @@ from typing import Any
 
 import jinja2
 from jinja2.exceptions import SecurityError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from mailqd.errors import MissingContentError, TemplateError, ValidationError
 from mailqd.models import Template
+from mailqd.sandbox import BoundedSandbox, BudgetExceeded, Meter, RenderBudget, TooLarge, metered
+from mailqd.template_errors import SafeUndefined, UnsafeAccess, clean, scrub
 
-__all__ = ["CompiledTemplate", "Rendered", "check_template", "compile_template", "render"]
+__all__ = [
+    "CompiledTemplate",
+    "RenderBudget",
+    "Rendered",
+    "check_template",
+    "compile_template",
+    "render",
+]
 
-MAX_PRODUCT_LENGTH = 1_000_000
-"""Longest string or list a template may build with `*` (characters or items)."""
-MAX_EXPONENT = 1000
 _FORBIDDEN_IN_SUBJECT = re.compile(r"[\r\n\x00]")
-_UNDEFINED_NAME = re.compile(r"^'([^']+)' is undefined$")
 _PART_NAMES = {"subject": "the subject", "text": "the text body", "html": "the html body"}
+_WORDS = re.compile(r"\w+")
 
-
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """The sandbox, plus limits on the two operators that can exhaust memory or CPU."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(
-        self, context: jinja2.runtime.Context, operator: str, left: Any, right: Any
-    ) -> Any:
-        if operator == "**":
-            if isinstance(right, int | float) and abs(right) > MAX_EXPONENT:
-                raise SecurityError(f"exponent larger than {MAX_EXPONENT}")
-            return left**right
-        for sized, count in ((left, right), (right, left)):
-            if (
-                isinstance(sized, str | list | tuple)
-                and isinstance(count, int)
-                and len(sized) * count > MAX_PRODUCT_LENGTH
-            ):
-                raise SecurityError(f"result longer than {MAX_PRODUCT_LENGTH}")
-        return left * right
-
-
-_PLAIN = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
-_HTML = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=True, keep_trailing_newline=True)
+_PLAIN = BoundedSandbox(undefined=SafeUndefined, autoescape=False, keep_trailing_newline=True)
+_HTML = BoundedSandbox(undefined=SafeUndefined, autoescape=True, keep_trailing_newline=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +74,8 @@ class CompiledTemplate:
     subject: jinja2.Template | None
     text: jinja2.Template | None
     html: jinja2.Template | None
+    words: frozenset[str] = frozenset()
+    """The words of the sources: what an error message may quote."""
 
 
 def compile_template(template: Template) -> CompiledTemplate:
@@ -96,12 +85,14 @@ def compile_template(template: Template) -> CompiledTemplate:
     """
     if _FORBIDDEN_IN_SUBJECT.search(template.subject):
         raise TemplateError(template.id, "the subject must be one line (no CR, LF or NUL)")
+    sources = (template.subject, template.text_body, template.html_body)
     return CompiledTemplate(
         id=template.id,
-        sources=(template.subject, template.text_body, template.html_body),
+        sources=sources,
         subject=_compile(template.id, "subject", template.subject or None, _PLAIN),
         text=_compile(template.id, "text", template.text_body, _PLAIN),
         html=_compile(template.id, "html", template.html_body, _HTML),
+        words=frozenset(_WORDS.findall(" ".join(filter(None, sources)))),
     )
 
 
@@ -113,54 +104,88 @@ def _compile(
     try:
         return environment.from_string(source)
     except jinja2.TemplateSyntaxError as exc:
+        problem = clean(exc.message or "")
         raise TemplateError(
-            template_id, f"syntax error in {_PART_NAMES[part]}, line {exc.lineno}: {exc.message}"
+            template_id, f"syntax error in {_PART_NAMES[part]}, line {exc.lineno}: {problem}"
+        ) from None
+    except RecursionError:
+        raise TemplateError(
+            template_id, f"{_PART_NAMES[part]} nests too deeply to compile (brackets, blocks)"
         ) from None
 
 
-def render(template: CompiledTemplate, variables: Mapping[str, Any] | None) -> Rendered:
-    """Render every part with `variables`; `TemplateError` saying which part failed and why."""
+def render(
+    template: CompiledTemplate,
+    variables: Mapping[str, Any] | None,
+    budget: RenderBudget = RenderBudget(),  # noqa: B008 (frozen)
+) -> Rendered:
+    """Render every part with `variables` within `budget` (for all three parts together).
+
+    Raises `TemplateError` saying which part failed and why, naming the
+    budget's config key when one was exceeded.
+    """
     values = dict(variables or {})
-    subject = _render(template, "subject", template.subject, values)
-    if subject is not None and _FORBIDDEN_IN_SUBJECT.search(subject):
-        raise TemplateError(
-            template.id, "the rendered subject contains CR, LF or NUL (from a variable?)"
+    meter = Meter(budget, template.words, values)
+    restore = metered(meter)
+    try:
+        subject = _render(template, "subject", template.subject, meter)
+        if subject is not None and _FORBIDDEN_IN_SUBJECT.search(subject):
+            raise TemplateError(
+                template.id, "the rendered subject contains CR, LF or NUL (from a variable?)"
+            )
+        return Rendered(
+            subject=subject,
+            text=_render(template, "text", template.text, meter),
+            html=_render(template, "html", template.html, meter),
         )
-    return Rendered(
-        subject=subject,
-        text=_render(template, "text", template.text, values),
-        html=_render(template, "html", template.html, values),
-    )
+    finally:
+        restore()
 
 
 def _render(
-    template: CompiledTemplate,
-    part: str,
-    compiled: jinja2.Template | None,
-    values: dict[str, Any],
+    template: CompiledTemplate, part: str, compiled: jinja2.Template | None, meter: Meter
 ) -> str | None:
     if compiled is None:
         return None
     where = _PART_NAMES[part]
     try:
-        return compiled.render(values)
-    except jinja2.UndefinedError as exc:
-        raise TemplateError(template.id, f"{_describe_undefined(exc)} in {where}") from None
-    except SecurityError as exc:
+        return _generate(compiled, meter)
+    except BudgetExceeded as exc:
+        raise TemplateError(template.id, f"{exc} in {where}") from None
+    except TooLarge as exc:
         raise TemplateError(template.id, f"refused by the sandbox in {where}: {exc}") from None
-    except jinja2.TemplateError as exc:
-        raise TemplateError(template.id, f"cannot render {where}: {exc}") from None
-    except Exception as exc:  # a filter or operator on the wrong type: the job's data
+    except jinja2.UndefinedError as exc:  # SafeUndefined's words: safe to show as they are
+        raise TemplateError(template.id, f"{clean(str(exc))} in {where}") from None
+    except UnsafeAccess as exc:
+        problem = clean(str(exc))
+        raise TemplateError(template.id, f"refused by the sandbox in {where}: {problem}") from None
+    except SecurityError as exc:
+        problem = scrub(str(exc), meter)
+        raise TemplateError(template.id, f"refused by the sandbox in {where}: {problem}") from None
+    except RecursionError:
         raise TemplateError(
-            template.id, f"cannot render {where}: {type(exc).__name__}: {exc}"
+            template.id, f"cannot render {where}: a macro or recursive loop nests too deeply"
         ) from None
+    except jinja2.TemplateError as exc:
+        raise TemplateError(
+            template.id, f"cannot render {where}: {scrub(str(exc), meter)}"
+        ) from None
+    except Exception as exc:  # a filter or operator on the wrong type: the job's data
+        problem = f"{type(exc).__name__}: {scrub(str(exc), meter)}"
+        raise TemplateError(template.id, f"cannot render {where}: {problem}") from None
 
 
-def _describe_undefined(exc: jinja2.UndefinedError) -> str:
-    """`variable 'name' is undefined` for a missing variable, Jinja's words for the rest."""
-    message = exc.message or "undefined value"
-    missing = _UNDEFINED_NAME.match(message)
-    return f"variable {missing.group(1)!r} is undefined" if missing else message
+def _generate(compiled: jinja2.Template, meter: Meter) -> str:
+    """The part's text, its size counted (UTF-8 bytes) as it is generated."""
+    chunks: list[str] = []
+    written = 0
+    limit, deadline, clock = meter.limit, meter.deadline, time.monotonic
+    for chunk in compiled.generate(meter.values):
+        written += len(chunk) if chunk.isascii() else len(chunk.encode("utf-8", "surrogatepass"))
+        if written > limit or clock() > deadline:
+            meter.count_output(written)  # raises, naming the budget
+        chunks.append(chunk)
+    return "".join(chunks)
 
 
 _TEMPLATE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,199}\Z")

@@ -36,7 +36,7 @@ from mailqd.rules.rows import check_claimed_row
 from mailqd.secrets import SecretBox, unseal_variables
 from mailqd.signing import DkimSigner
 from mailqd.store import Completion
-from mailqd.templates import render
+from mailqd.templates import RenderBudget, render
 from mailqd.transport import SendResult, Transport
 
 __all__ = ["Deliverer"]
@@ -84,6 +84,7 @@ class Deliverer:
         self._secrets = secrets
         self._limits = Limits.from_settings(settings)
         self._signer = DkimSigner.from_settings(settings)  # ConfigError: the worker cannot start
+        self._template_budget = RenderBudget.from_settings(settings)
 
     async def deliver(self, job: Job, transport: Transport) -> Completion:
         """Decide, compose and send one job; returns the outcome to record."""
@@ -198,7 +199,7 @@ class Deliverer:
             raise ValidationError(
                 "variables", f"must be a JSON object, not {type(variables).__name__}"
             )
-        rendered = render(template, variables)
+        rendered = render(template, variables, self._template_budget)
         return dataclasses.replace(
             job,
             subject=job.subject if rendered.subject is None else rendered.subject,

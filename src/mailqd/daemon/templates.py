@@ -8,7 +8,10 @@ edited template (`mailqctl templates add --replace`) is used by every
 worker within `TEMPLATE_CACHE_SECONDS` of the edit, and a deleted one fails
 jobs ("unknown template") within the same time. A template that is not
 found is not cached: a job naming it looks it up again, so a template added
-just after its jobs were queued is found at once.
+just after its jobs were queued is found at once. Changed sources are
+compiled once, in the thread that read them, off the event loop: Jinja2 may
+take seconds over a pathological source, and the loop keeps the other
+jobs' sends and the heartbeat going meanwhile.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailqd.errors import StoreError, TemplateNotFoundError, TransientDeliveryError
-from mailqd.models import Template
 from mailqd.store import Store
 from mailqd.templates import CompiledTemplate, compile_template
 
@@ -48,7 +50,7 @@ class TemplateCache:
         self._ttl = ttl
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
-        self._reading: dict[str, asyncio.Task[Template | None]] = {}
+        self._reading: dict[str, asyncio.Task[CompiledTemplate | None]] = {}
 
     async def get(self, template_id: str) -> CompiledTemplate | None:
         """The template compiled, or None if there is none with this id.
@@ -60,30 +62,33 @@ class TemplateCache:
         entry = self._entries.get(template_id)
         if entry is not None and self._clock() - entry.read_at < self._ttl:
             return entry.compiled
-        template = await self._read(template_id)
-        if template is None:
+        compiled = await self._read(template_id, entry.compiled if entry else None)
+        if compiled is None:
             self._entries.pop(template_id, None)
             return None
-        sources = (template.subject, template.text_body, template.html_body)
-        if entry is None or entry.compiled.sources != sources:
-            entry = _Entry(compile_template(template), self._clock())
-        entry.read_at = self._clock()
-        self._entries[template_id] = entry
-        return entry.compiled
+        self._entries[template_id] = _Entry(compiled, self._clock())
+        return compiled
 
-    async def _read(self, template_id: str) -> Template | None:
+    async def _read(
+        self, template_id: str, known: CompiledTemplate | None
+    ) -> CompiledTemplate | None:
         """One read per id at a time; deliveries that need it meanwhile share its result."""
         reading = self._reading.get(template_id)
         if reading is None:
-            reading = asyncio.create_task(asyncio.to_thread(self._read_now, template_id))
+            reading = asyncio.create_task(asyncio.to_thread(self._load, template_id, known))
             self._reading[template_id] = reading
             reading.add_done_callback(lambda _: self._reading.pop(template_id, None))
         return await asyncio.shield(reading)
 
-    def _read_now(self, template_id: str) -> Template | None:
+    def _load(self, template_id: str, known: CompiledTemplate | None) -> CompiledTemplate | None:
+        """Read the template; `known` again if its sources did not change, else compile them."""
         try:
-            return self._store.templates.get(template_id)
+            template = self._store.templates.get(template_id)
         except TemplateNotFoundError:
             return None
         except StoreError as exc:
             raise TransientDeliveryError(f"cannot read template {template_id!r}: {exc}") from exc
+        sources = (template.subject, template.text_body, template.html_body)
+        if known is not None and known.sources == sources:
+            return known
+        return compile_template(template)
