@@ -146,7 +146,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
             data = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError("config", f"file {path} does not exist") from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError("config", f"cannot read {path}: {reason}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("config", f"{path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
+        # The parser's message says where (line, column), never what the line holds.
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
     section = data.get("mailqd", data)
     if not isinstance(section, dict):
