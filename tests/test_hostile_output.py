@@ -30,6 +30,7 @@ import sqlalchemy as sa
 
 from ctl_process import MAILQCTL, ctl_env, mailqctl, ok_json
 from mailqd import Client
+from mailqd.cli.safe import json_safe, printable
 from mailqd.models import Outcome
 from mailqd.store import Completion, Store
 from mailqd.store.schema import email_queue, email_templates, rate_limit
@@ -257,3 +258,37 @@ def test_render_escapes_variables_in_the_preview(store: Store, db_url: str) -> N
         assert "\\x1b]0;pwned\\x07Eve" in _SGR.sub("", output)
     rendered: dict[str, Any] = ok_json(mailqctl(*args, "--json", db=db_url))
     assert rendered["subject"] == f"Hi {TITLE}{TITLE}Eve"
+
+
+# --- the escaping rule itself ---------------------------------------------------------
+
+
+UNSAFE = [chr(c) for c in [*range(0x00, 0x20), *range(0x7F, 0xA0)]] + [
+    "\u061c",
+    "\u200b",
+    "\u200e",
+    "\u200f",
+    "\u2028",
+    "\u2029",
+    *(chr(c) for c in range(0x202A, 0x202F)),
+    *(chr(c) for c in range(0x2066, 0x206A)),
+    "\u2060",
+    "\ufeff",
+    "\ud800",
+]
+
+
+@pytest.mark.parametrize("char", UNSAFE, ids=[f"U+{ord(c):04X}" for c in UNSAFE])
+def test_every_unsafe_character_prints_as_a_visible_escape(char: str) -> None:
+    shown = printable(f"a{char}b")
+    assert char not in shown and shown.startswith("a\\") and shown.endswith("b")
+    shown.encode("utf-8")  # even a lone surrogate can be written
+    dumped = json_safe(json.dumps({"v": char}, ensure_ascii=False))
+    assert char not in dumped and json.loads(dumped) == {"v": char}
+
+
+def test_text_people_write_is_left_alone() -> None:
+    text = "Grüße, 中文, עברית, emoji 👨\u200d👩\u200d👧, C:\\path, [bold]"
+    assert printable(text) == text
+    assert printable("a\tb\nc\r\nd", multiline=True) == "a\tb\nc\nd"
+    assert printable("a\tb\nc\r\nd") == "a\\tb\\nc\\r\\nd"
