@@ -167,12 +167,20 @@ def test_a_database_url_that_is_not_text_is_a_config_error(url: object) -> None:
         Client(url)  # type: ignore[arg-type]
 
 
-def test_colons_in_a_percent_free_password_are_fine(pg_url: str) -> None:
-    """RFC 3986 allows `:` in the password; every parser takes the first one as the separator."""
+@pytest.mark.parametrize("password", ["pa:ss:word", "p%40ss%2Fw%3Fo%23rd%3A"])
+def test_colons_and_percent_encoded_specials_are_fine(pg_url: str, password: str) -> None:
+    """RFC 3986 allows `:` in the password (the first one separates); the rest is encoded."""
     user, _, rest = pg_url.partition("://")[2].partition("@")
-    colon_url = f"postgresql://{user.split(':')[0]}:pa:ss:word@{rest}"  # trust auth: any password
-    result = run([MAILQCTL, "--database-url", colon_url, "stats", "--json"], ctl_env())
-    assert result.returncode == 0, result.stderr
+    url = f"postgresql://{user.split(':')[0]}:{password}@{rest}"  # trust auth: any password
+    results = run_each(
+        [
+            ([MAILQCTL, "--database-url", url, "stats", "--json"], ctl_env()),
+            ([str(MAILQD), "--check-config"], daemon_env({"MAILQD_DATABASE_URL": url})),
+        ]
+    )
+    for result in results:
+        assert result.returncode == 0, result.stderr
+    assert ":***@" in results[1].stdout and password not in results[1].stdout
 
 
 # --- smtp_url -----------------------------------------------------------------------
