@@ -13,7 +13,9 @@ give back the exact original value.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
+import logging
 import os
 import pty
 import re
@@ -27,10 +29,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import structlog
 
 from ctl_process import MAILQCTL, ctl_env, mailqctl, ok_json
 from mailqd import Client
 from mailqd.cli.safe import json_safe, printable
+from mailqd.config import load_settings
+from mailqd.logging import configure_logging
 from mailqd.models import Outcome
 from mailqd.store import Completion, Store
 from mailqd.store.schema import email_queue, email_templates, rate_limit
@@ -292,3 +297,15 @@ def test_text_people_write_is_left_alone() -> None:
     assert printable(text) == text
     assert printable("a\tb\nc\r\nd", multiline=True) == "a\tb\nc\nd"
     assert printable("a\tb\nc\r\nd") == "a\\tb\\nc\\r\\nd"
+
+
+def test_console_log_lines_show_escapes_in_messages_and_values() -> None:
+    """`drain` on a terminal logs in the console format: a reply's escapes must not act there."""
+    stream = io.StringIO()
+    configure_logging(load_settings(env={"MAILQD_LOG_FORMAT": "console"}), stream=stream)
+    structlog.get_logger().warning(f"attempt {CLEAR}failed", error=ERROR, reply=REPLY)
+    logging.getLogger("aiosmtplib").warning("reply %s", TITLE)
+
+    assert_inert(stream.getvalue(), terminal=False)
+    assert "attempt \\x1b[2Jfailed" in stream.getvalue()
+    assert "reply \\x1b]0;pwned\\x07" in stream.getvalue()
