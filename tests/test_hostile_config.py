@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ctl_process import MAILQCTL, ctl_env
+from ctl_process import EVERY_COMMAND, MAILQCTL, ctl_env
 from daemon_process import MAILQD, daemon_env
 from mailqd import AsyncClient, Client
 from mailqd.errors import ConfigError
@@ -296,3 +296,35 @@ def test_an_unexpected_error_is_one_line_without_its_message(migrated_sqlite: st
     result = run([os.fspath(Path(MAILQCTL).with_name("python")), "-c", script], env)
     line = assert_one_line(result, "mailqd: internal error: RuntimeError at ")
     assert "please report it" in line
+
+
+# --- every command, and bytes that are not text -----------------------------------------
+
+
+def test_every_mailqctl_command_refuses_a_bad_database_url_in_one_line() -> None:
+    env = ctl_env({"MAILQD_DATABASE_URL": BAD_DATABASE_URLS["@ in the password"]})
+    commands = [*EVERY_COMMAND, ["migrate"], ["templates", "show", "x"], ["dkim-record"]]
+    results = run_each([([MAILQCTL, *args], env) for args in commands])
+    for args, result in zip(commands, results, strict=True):
+        line = assert_one_line(result, "mailqctl: config database_url: ")
+        assert "unencoded '@'" in line, args
+
+
+def test_arguments_and_settings_that_are_not_utf8_are_one_line(migrated_sqlite: str) -> None:
+    undecodable = os.fsdecode(b"\xff\xfe")  # what Python makes of such bytes: lone surrogates
+    commands = [
+        ([MAILQCTL, "--database-url", migrated_sqlite, "show", undecodable], ctl_env()),
+        ([str(MAILQD), "--smtp-url", undecodable, "--check-config"], daemon_env()),
+        ([MAILQCTL, "stats"], ctl_env({"MAILQD_DATABASE_URL": f"sqlite:///{undecodable}"})),
+        (
+            [str(MAILQD), "--check-config"],
+            daemon_env({"MAILQD_DATABASE_URL": migrated_sqlite, "MAILQD_FROM": undecodable}),
+        ),
+    ]
+    show, flag, env_url, env_from = run_each(commands)
+    assert assert_one_line(show, "mailqctl: ", code=2) == (
+        "mailqctl: argument 4 is not valid UTF-8 text"
+    )
+    assert assert_one_line(flag, "mailqd: ", code=2) == "mailqd: argument 2 is not valid UTF-8 text"
+    assert_one_line(env_url, "mailqctl: config database_url: is not valid UTF-8 text")
+    assert_one_line(env_from, "mailqd: config from: is not valid UTF-8 text")

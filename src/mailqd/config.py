@@ -178,6 +178,11 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
         if not isinstance(value, str):
             got = "" if key in _SECRET_KEYS else f", got {value!r}"
             raise ConfigError(key, f"must be a string{got}")
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # bytes the environment could not decode
+                raise ConfigError(key, "is not valid UTF-8 text") from None
         return value
     if isinstance(value, bool):
         raise ConfigError(key, f"must be a number, got {value!r}")

@@ -24,6 +24,8 @@ __all__ = ["EXIT_FAILURE", "error_line", "json_safe", "printable", "run_guarded"
 
 EXIT_FAILURE = 1
 """A command that could not do its work: bad input or configuration, a database problem."""
+EXIT_USAGE = 2
+"""A usage error (click's convention): here, an argument that is not text."""
 
 
 def error_line(prog: str, exc: BaseException, secrets: Iterable[str] = ()) -> str:
@@ -46,6 +48,17 @@ def _raised_at(exc: BaseException) -> str:
     return f" at {Path(frame.filename).name}:{frame.lineno} in {frame.name}"
 
 
+def _is_text(argument: str) -> bool:
+    """False for an argument holding bytes the locale could not decode (as lone surrogates)."""
+    if argument.isascii():
+        return True
+    try:
+        argument.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def run_guarded(prog: str, command: click.Command) -> NoReturn:
     """Run a console script's command: whatever escapes it is one line on stderr, exit code 1.
 
@@ -54,6 +67,10 @@ def run_guarded(prog: str, command: click.Command) -> NoReturn:
     It is not in the commands themselves, so that tests running them in
     process (click's runner) still see a bug as the exception it is.
     """
+    for position, argument in enumerate(sys.argv[1:], 1):
+        if not _is_text(argument):
+            click.echo(f"{prog}: argument {position} is not valid UTF-8 text", err=True)
+            sys.exit(EXIT_USAGE)
     try:
         command.main(prog_name=prog)
     except Exception as exc:
