@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+from mailqd.errors import ConfigError
 from mailqd.models import NewJob, Template
 from mailqd.secrets import load_secret_box, seal_variables
 from mailqd.store import Store
@@ -43,7 +44,9 @@ class Client:
     `secrets_key_file`: a Fernet key file (`mailqctl secrets generate-key`);
     when given, or set in `MAILQD_SECRETS_KEY_FILE`, template variables are
     stored encrypted. An empty string turns encryption off whatever the
-    environment says. A key file that cannot be read raises `ConfigError`.
+    environment says. A key file that cannot be read, or a malformed
+    `database_url`, raises `ConfigError` ("database_url: ..."), with no
+    part of the URL in its message.
     """
 
     def __init__(
@@ -56,8 +59,12 @@ class Client:
     ) -> None:
         if secrets_key_file is None:
             secrets_key_file = os.environ.get(SECRETS_KEY_FILE_ENV)
-        self._secrets = load_secret_box(secrets_key_file)
-        self._store = Store.from_url(database_url, **engine_kwargs)
+        try:
+            self._secrets = load_secret_box(secrets_key_file)
+            self._store = Store.from_url(database_url, **engine_kwargs)
+        except ConfigError as exc:
+            # The same one line as the daemon's, naming the argument (never quoting the URL).
+            raise ConfigError(exc.key, exc.problem, source="") from None
         self._limits = limits
 
     def close(self) -> None:

@@ -151,7 +151,13 @@ def _read_toml(path: Path) -> dict[str, Any]:
             data = tomllib.load(handle)
     except FileNotFoundError:
         raise ConfigError("config", f"file {path} does not exist") from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError("config", f"cannot read {path}: {reason}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("config", f"{path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
+        # The parser's message says where (line, column), never what the line holds.
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
     section = data.get("mailqd", data)
     if not isinstance(section, dict):
@@ -177,6 +183,11 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
         if not isinstance(value, str):
             got = "" if key in _SECRET_KEYS else f", got {value!r}"
             raise ConfigError(key, f"must be a string{got}")
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # bytes the environment could not decode
+                raise ConfigError(key, "is not valid UTF-8 text") from None
         return value
     if isinstance(value, bool):
         raise ConfigError(key, f"must be a number, got {value!r}")

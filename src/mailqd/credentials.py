@@ -17,6 +17,9 @@ a file is dropped. Errors name the key or the file, never the content.
 Masking: `redact_url` shows a URL with `***` for its password, and
 `scrub` replaces every secret the settings hold or point to (URL passwords,
 the SMTP password) by `***` in free text: driver errors, log lines.
+`check_userinfo` refuses a URL whose user name or password holds an
+unencoded `@`, `/`, `?` or `#`: such a URL splits in the wrong place, and
+the "host" or "port" a parser then reports is a piece of the password.
 
 This module is imported by `mailqd.config`, so it imports nothing heavy.
 """
@@ -37,6 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CREDENTIAL_NAME",
+    "ESCAPE_HINT",
+    "check_userinfo",
     "read_password_file",
     "redact_url",
     "scrub",
@@ -55,6 +60,9 @@ MASK = "***"
 _MIN_SCRUBBED_LENGTH = 4
 _SMTP_SCHEMES = ("smtp", "smtps")
 
+ESCAPE_HINT = "percent-encode / ? # @ : in the user name and password (e.g. %40 for @, %2F for /)"
+_AUTHORITY_END = ("/", "?", "#")
+
 
 def redact_url(url: str) -> str:
     """The URL with its password replaced by `***`, safe to log or print.
@@ -67,6 +75,24 @@ def redact_url(url: str) -> str:
     if password is None:
         return url
     return f"{scheme}://{user}:{MASK}@{rest}"
+
+
+def check_userinfo(url: str, key: str) -> None:
+    """Refuse a URL with an `@` anywhere but once, between the user part and the host.
+
+    RFC 3986 ends the authority at the first `/`, `?` or `#`, and a host
+    never holds an `@`; so one `@` inside the authority and none after it
+    is the only shape in which every parser (libpq, SQLAlchemy, urllib) finds
+    the same password, and the one `redact_url` hides. The error names the
+    key and never quotes the URL.
+    """
+    rest = url.partition("://")[2]
+    end = min((i for i in map(rest.find, _AUTHORITY_END) if i != -1), default=len(rest))
+    authority, after = rest[:end], rest[end:]
+    if authority.count("@") > 1:
+        raise ConfigError(key, f"the user name or password holds an unencoded '@'; {ESCAPE_HINT}")
+    if "@" in after:
+        raise ConfigError(key, f"an '@' comes after a / ? or #; {ESCAPE_HINT}")
 
 
 def url_password(url: str) -> str | None:

@@ -14,12 +14,16 @@ class MailqError(Exception):
 
 
 class ConfigError(MailqError):
-    """A configuration key has a missing, malformed or out-of-range value."""
+    """A configuration key has a missing, malformed or out-of-range value.
 
-    def __init__(self, key: str, problem: str) -> None:
+    The message reads "config KEY: problem"; `Client` arguments of the same
+    name read "KEY: problem" (`source=""`), as they are not configuration.
+    """
+
+    def __init__(self, key: str, problem: str, *, source: str = "config") -> None:
         self.key = key
         self.problem = problem
-        super().__init__(f"config {key}: {problem}")
+        super().__init__(f"{source} {key}: {problem}" if source else f"{key}: {problem}")
 
 
 class ValidationError(MailqError):

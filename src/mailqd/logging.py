@@ -22,6 +22,7 @@ import structlog
 from mailqd.config import Settings
 from mailqd.credentials import scrub, secrets_of
 from mailqd.errors import ValidationError
+from mailqd.printable import printable
 from mailqd.rules import parse_address_list
 
 __all__ = ["configure_logging", "mask_address", "mask_address_list", "mask_addresses_in"]
@@ -93,7 +94,7 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        else _shown_not_obeyed(structlog.dev.ConsoleRenderer(colors=stream.isatty()))
     )
     secrets = secrets_of(settings)
     if secrets:
@@ -154,6 +155,23 @@ def _scrubbing(
     def render(logger: Any, name: str, event: structlog.typing.EventDict) -> Any:
         line = renderer(logger, name, event)
         return scrub(line, secrets) if isinstance(line, str) else line
+
+    return render
+
+
+def _shown_not_obeyed(renderer: structlog.typing.Processor) -> structlog.typing.Processor:
+    """The console renderer, with control characters in the message shown as visible escapes.
+
+    The renderer quotes the other values with `repr`, which escapes them
+    already; the message it prints as it is, and a library's message (a
+    warning routed from stdlib logging) may quote a server reply or a job.
+    """
+
+    def render(logger: Any, name: str, event: structlog.typing.EventDict) -> Any:
+        message = event.get("event")
+        if isinstance(message, str):
+            event = {**event, "event": printable(message)}
+        return renderer(logger, name, event)
 
     return render
 

@@ -14,14 +14,13 @@ from typing import Any, TypeVar
 import click
 
 from mailqd.cli.output import Output
+from mailqd.cli.safe import EXIT_FAILURE as EXIT_FAILURE
+from mailqd.cli.safe import error_line
 from mailqd.config import Settings, load_settings
 from mailqd.errors import MailqError
 from mailqd.store import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-EXIT_FAILURE = 1
-"""A command that could not do its work: a user error, or (drain) a message not delivered."""
 
 
 class Context:
@@ -68,17 +67,17 @@ class Context:
         if self._store is not None:
             self._store.close()
 
-    def hide_secrets(self, text: str) -> str:
-        """`text` with the passwords of the loaded settings (if any) as `***`."""
+    def secrets(self) -> tuple[str, ...]:
+        """The passwords of the loaded settings (none if they are not loaded), to hide in text."""
         if self._settings is None:
-            return text
-        from mailqd.credentials import scrub, secrets_of
+            return ()
+        from mailqd.credentials import secrets_of
 
-        return scrub(text, secrets_of(self._settings))
+        return secrets_of(self._settings)
 
 
 def reports_errors(command: F) -> F:
-    """Turn a mailqd error into one line on stderr (no password in it) and exit code 1."""
+    """Turn a mailqd error into one line on stderr (no password, no control character), exit 1."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -87,8 +86,7 @@ def reports_errors(command: F) -> F:
         except MailqError as exc:
             click_context = click.get_current_context(silent=True)
             state = click_context.find_object(Context) if click_context else None
-            text = state.hide_secrets(str(exc)) if state else str(exc)
-            click.echo(f"mailqctl: {text}", err=True)
+            click.echo(error_line("mailqctl", exc, state.secrets() if state else ()), err=True)
             sys.exit(EXIT_FAILURE)
 
     return wrapper  # type: ignore[return-value]

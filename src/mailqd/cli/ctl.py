@@ -24,6 +24,7 @@ from mailqd.cli.inspect import failed, show, stats
 from mailqd.cli.maintain import cleanup, migrate
 from mailqd.cli.repair import cancel, drain, requeue, retry
 from mailqd.cli.roles import grant_enqueue
+from mailqd.cli.safe import run_guarded
 from mailqd.cli.templates import secrets, templates
 from mailqd.cli.top import top
 
@@ -57,7 +58,8 @@ cli.add_command(dkim_record)
 
 
 def main() -> None:
-    cli(prog_name="mailqctl")
+    """The `mailqctl` console script: no traceback, whatever happens."""
+    run_guarded("mailqctl", cli)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,9 @@ from typing import Any
 import click
 
 from mailqd import __version__
+from mailqd.cli.safe import EXIT_FAILURE, error_line, run_guarded
 from mailqd.config import Settings, load_settings
-from mailqd.credentials import redact_url, scrub, secrets_of, smtp_password_source
+from mailqd.credentials import redact_url, secrets_of, smtp_password_source
 from mailqd.daemon.supervisor import KILL_GRACE, Supervisor, WorkerEntry, open_store
 from mailqd.errors import MailqError
 from mailqd.logging import configure_logging
@@ -31,9 +32,9 @@ from mailqd.signing import DkimSigner
 from mailqd.store import check_schema
 from mailqd.transport import transport_from_settings
 
-__all__ = ["check_configuration", "load_daemon_settings", "main", "run_daemon"]
+__all__ = ["check_configuration", "command", "load_daemon_settings", "main", "run_daemon"]
 
-EXIT_CONFIG = 1
+EXIT_CONFIG = EXIT_FAILURE
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,7 +56,7 @@ EXIT_CONFIG = 1
 )
 @click.version_option(__version__, prog_name="mailqd")
 @click.pass_context
-def main(
+def command(
     ctx: click.Context,
     config_path: Path | None,
     workers: str | None,
@@ -78,6 +79,11 @@ def main(
     if check_config:
         ctx.exit(check_configuration(config_path, overrides))
     ctx.exit(run_daemon(config_path, overrides))
+
+
+def main() -> None:
+    """The `mailqd` console script: no traceback, whatever happens at start."""
+    run_guarded("mailqd", command)
 
 
 def load_daemon_settings(
@@ -178,6 +184,6 @@ def _schema_revision(database_url: str) -> str:
 
 def _fail(exc: MailqError, settings: Settings | None) -> int:
     # Belt and braces: no driver message may echo a password back to the terminal.
-    text = str(exc) if settings is None else scrub(str(exc), secrets_of(settings))
-    click.echo(f"mailqd: {text}", err=True)
+    secrets = () if settings is None else secrets_of(settings)
+    click.echo(error_line("mailqd", exc, secrets), err=True)
     return EXIT_CONFIG

@@ -4,7 +4,10 @@ A command builds its result once as a JSON-ready document (the keys are
 the documented, stable interface; see docs/cli.md) and, separately, says
 how a person should see it. `Output.emit` prints one or the other.
 Text from the database (subjects, errors) is never read as rich markup,
-so a subject like "[urgent]" prints as it is.
+so a subject like "[urgent]" prints as it is, and never reaches the
+terminal with a control character in it: every string rich renders goes
+through `printable` (`mailqd.cli.safe`), one line per table cell, and
+the JSON keeps values exact with those characters as `\\u` escapes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import click
 from rich import box
 from rich.console import Console, RenderableType
 from rich.table import Table
+from rich.text import Text
+
+from mailqd.cli.safe import json_safe, printable
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -34,6 +40,7 @@ __all__ = [
     "key_value_table",
     "make_console",
     "plural",
+    "printable",
     "table",
     "truncate",
 ]
@@ -42,12 +49,23 @@ PIPE_WIDTH = 240
 """Columns used when stdout is not a terminal: wide enough that table rows stay one line."""
 
 
+class SafeConsole(Console):
+    """A console that shows control characters in the strings it prints instead of obeying them.
+
+    Every string rich renders (a printed line, a table cell, a group item)
+    passes `render_str`, so this is the one place it can be done for all.
+    """
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str(printable(text, multiline=True), **kwargs)
+
+
 def make_console() -> Console:
     """A stdout console that prints database text literally (no markup, emoji or highlighting)."""
     options: dict[str, Any] = {"markup": False, "emoji": False, "highlight": False}
-    console = Console(**options)
+    console = SafeConsole(**options)
     if not console.is_terminal:
-        console = Console(width=PIPE_WIDTH, **options)
+        console = SafeConsole(width=PIPE_WIDTH, **options)
     return console
 
 
@@ -69,7 +87,7 @@ class Output:
     ) -> None:
         """Print `document` as JSON, or what `human()` returns (None prints nothing)."""
         if self.as_json:
-            click.echo(json.dumps(jsonable(document), indent=2, ensure_ascii=False))
+            click.echo(json_safe(json.dumps(jsonable(document), indent=2, ensure_ascii=False)))
             return
         rendered = human()
         if rendered is not None:
@@ -87,7 +105,8 @@ class Output:
 
     def emit_line(self, document: Mapping[str, Any]) -> None:
         """One compact JSON line (for a stream of documents, such as `top --json`)."""
-        click.echo(json.dumps(jsonable(document), ensure_ascii=False, separators=(",", ":")))
+        line = json.dumps(jsonable(document), ensure_ascii=False, separators=(",", ":"))
+        click.echo(json_safe(line))
 
 
 def jsonable(value: Any) -> Any:
@@ -106,10 +125,22 @@ def jsonable(value: Any) -> Any:
 # -- tables ----------------------------------------------------------------------
 
 
+class OneLineCells(Table):
+    """A table whose text cells stay on one line: a LF or TAB in a value shows as `\\n`, `\\t`.
+
+    A subject with a line break could otherwise print a second, made-up
+    row; a TAB would shift the columns after it.
+    """
+
+    def add_row(self, *renderables: RenderableType | None, **kwargs: Any) -> None:
+        cells = (printable(cell) if isinstance(cell, str) else cell for cell in renderables)
+        super().add_row(*cells, **kwargs)
+
+
 def table(*columns: str, right: Iterable[str] = ()) -> Table:
     """An aligned table with a header rule and no frame: easy to read and to paste."""
     aligned_right = set(right)
-    result = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+    result = OneLineCells(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
     for name in columns:
         result.add_column(name, justify="right" if name in aligned_right else "left")
     return result
@@ -117,7 +148,7 @@ def table(*columns: str, right: Iterable[str] = ()) -> Table:
 
 def key_value_table(rows: Iterable[tuple[str, str]]) -> Table:
     """Two columns, name and value, without a header (`show`, `stats`)."""
-    result = Table(box=None, show_header=False, pad_edge=False)
+    result = OneLineCells(box=None, show_header=False, pad_edge=False)
     result.add_column(style="bold", no_wrap=True)
     result.add_column(overflow="fold")
     for name, value in rows:

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from mailqd.cli.context import Context, reports_errors
+from mailqd.cli.safe import printable
 
 
 @click.command("grant-enqueue")
@@ -61,4 +62,4 @@ def grant_enqueue(
     if password_file is not None:
         password = read_password_file(password_file, "--password-file")
     grant_enqueue_role(state.store.engine, role, create=create, password=password, schema=schema)
-    click.echo(f"{role} may now enqueue mail, and read no job's content")
+    click.echo(f"{printable(role)} may now enqueue mail, and read no job's content")

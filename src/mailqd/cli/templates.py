@@ -21,6 +21,7 @@ from rich.console import Group, RenderableType
 from mailqd.cli.context import EXIT_FAILURE, Context, json_option, reports_errors
 from mailqd.cli.enqueue import _key_value
 from mailqd.cli.output import Output, format_age, key_value_table, plural, table, truncate
+from mailqd.cli.safe import printable
 from mailqd.models import Template
 from mailqd.secrets import generate_key_file
 from mailqd.templates import Rendered, check_template, compile_template, render
@@ -301,5 +302,5 @@ def generate_key(path: Path, out: Output) -> None:
 
 
 def _fail(message: str) -> NoReturn:
-    click.echo(f"mailqctl: {message}", err=True)
+    click.echo(f"mailqctl: {printable(message)}", err=True)
     sys.exit(EXIT_FAILURE)

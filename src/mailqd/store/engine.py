@@ -9,36 +9,48 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from mailqd.credentials import ESCAPE_HINT, check_userinfo
 from mailqd.errors import ConfigError
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+KEY = "database_url"
+SUPPORTED = "use postgresql://user:password@host/database or sqlite:///path"
+BAD_PORT = f"the port must be a number from 1 to 65535; {ESCAPE_HINT}"
 
 
 def normalize_url(url: str) -> sa.URL:
-    """Accept `postgresql://`, `postgresql+psycopg://` and `sqlite:///path`."""
+    """Accept `postgresql://`, `postgresql+psycopg://` and `sqlite:///path`; else `ConfigError`.
+
+    Errors never quote the URL or a piece of it: in a URL that splits in the
+    wrong place, the "host" or "port" is a piece of the password.
+    """
+    if not isinstance(url, str):
+        raise ConfigError(KEY, f"must be a string, got a {type(url).__name__}; {SUPPORTED}")
+    if not url.strip():
+        raise ConfigError(KEY, f"is empty; {SUPPORTED}")
+    if url.partition("://")[0].lower().startswith("postgres"):
+        check_userinfo(url, KEY)
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise ConfigError("database_url", f"not a database URL: {_mask(url)!r}") from None
+        raise ConfigError(KEY, f"not a database URL; {SUPPORTED}") from None
+    except ValueError:  # SQLAlchemy's int(port)
+        raise ConfigError(KEY, BAD_PORT) from None
     if parsed.get_backend_name() == "postgresql":
-        if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
-            return parsed.set(drivername="postgresql+psycopg")
-        raise ConfigError(
-            "database_url", f"driver {parsed.drivername!r} is not supported; use postgresql://"
-        )
+        return _postgresql(parsed)
     if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
+        if parsed.host or parsed.username or parsed.password or parsed.port:
+            raise ConfigError(KEY, "a SQLite URL has no user or host: write sqlite:///path")
         return parsed
-    raise ConfigError(
-        "database_url",
-        f"{parsed.drivername!r} is not supported; use postgresql://… or sqlite:///path",
-    )
+    raise ConfigError(KEY, f"{parsed.drivername!r} is not supported; {SUPPORTED}")
 
 
-def _mask(url: str) -> str:
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparsable>"
+def _postgresql(parsed: sa.URL) -> sa.URL:
+    if parsed.drivername not in ("postgresql", "postgres", "postgresql+psycopg"):
+        raise ConfigError(KEY, f"driver {parsed.drivername!r} is not supported; use postgresql://")
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise ConfigError(KEY, BAD_PORT)
+    return parsed.set(drivername="postgresql+psycopg")
 
 
 def make_engine(url: str, **kwargs: Any) -> sa.Engine:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import base64
 
+from mailqd.printable import printable
+
 __all__ = ["REDACTED", "ReplyCleaner", "escape_controls"]
 
 REDACTED = "***"
@@ -34,25 +36,12 @@ class ReplyCleaner:
 
 
 def escape_controls(text: str) -> str:
-    """`text` with every non-printable character but LF shown as `\\xNN`/`\\uNNNN`.
+    """`text` with its control characters shown as `\\xNN`/`\\uNNNN` (`mailqd.printable`).
 
-    LF stays: it is how the lines of a multi-line reply are joined, and a
-    line of a reply cannot hold one. Everything else that is not printable
-    (C0 and C1 controls such as ESC and CSI, DEL, bidi and other format
-    characters, line and paragraph separators) is escaped visibly.
+    Line breaks stay: they join the lines of a multi-line reply. The rule
+    (which characters, which form) is the one `mailqctl` shows job data with.
     """
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() or c == "\n" else _visible(c) for c in text)
-
-
-def _visible(char: str) -> str:
-    point = ord(char)
-    if point < 0x100:
-        return f"\\x{point:02x}"
-    if point < 0x10000:
-        return f"\\u{point:04x}"
-    return f"\\U{point:08x}"
+    return printable(text, multiline=True)
 
 
 def _secret_forms(username: str | None, password: str | None) -> tuple[str, ...]:

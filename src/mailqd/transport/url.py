@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
-from mailqd.credentials import redact_url, smtp_password
+from mailqd.credentials import ESCAPE_HINT, check_userinfo, redact_url, smtp_password
 from mailqd.errors import ConfigError
 from mailqd.transport.base import Transport
 from mailqd.transport.local import MaildirTransport, NullTransport
@@ -35,7 +35,6 @@ __all__ = [
 CONFIG_KEY = "smtp_url"
 DEFAULT_PORTS = {"smtp": 25, "smtps": 465}
 SMTP_OPTIONS = ("starttls", "tls_verify", "pipelining", "timeout", "idle_timeout")
-ESCAPE_HINT = "percent-encode / ? # @ : in the user name and password (e.g. %2F for /)"
 
 _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
@@ -106,6 +105,7 @@ def parse_smtp_url(
     scheme = _scheme(url)
     if scheme not in DEFAULT_PORTS:
         raise ConfigError(CONFIG_KEY, "scheme must be smtp:// or smtps://")
+    check_userinfo(url, CONFIG_KEY)
     parts = _split(url)
     if parts.fragment or url.endswith("#"):
         raise ConfigError(CONFIG_KEY, f"unexpected '#' in the URL; {ESCAPE_HINT}")
