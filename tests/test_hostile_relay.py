@@ -36,6 +36,7 @@ from mailqd.transport.replies import MAX_REPLY_BYTES
 from mailqd.transport.url import parse_smtp_url
 from mailqd.validation import build_job
 from scripted_relay import Connection, Script, ScriptedRelay
+from test_worker import running
 
 T = TypeVar("T")
 DEADLINE = 20.0
@@ -335,14 +336,8 @@ async def working(store: Store, settings: Settings) -> AsyncIterator[Worker]:
     def transport() -> Any:
         return transport_from_url(settings.smtp_url, timeout=settings.smtp_timeout)
 
-    worker = Worker(settings, store, "w1", transport)
-    stop = asyncio.Event()
-    task = asyncio.create_task(worker.run(stop))
-    try:
+    async with running(Worker(settings, store, "w1", transport)) as worker:
         yield worker
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, DEADLINE)
 
 
 async def work_until(store: Store, settings: Settings, done: Callable[[Any], bool]) -> None:
