@@ -44,14 +44,13 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench_daemon import CpuMeter, Queue, Sink, load_average, uses_uvloop
-from benchdb import add_database_url_option, bench_database
+from benchdb import add_database_url_option, run_bench
 from coldprofile import Profiler, Split
 from coldsystems import BareLoop, Mailqd, PgQueuerPeer, System
 
@@ -276,17 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--profile-rate", type=int, default=100, help="py-spy samples/s (100)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
     args = parser.parse_args(argv)
-    started = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="mailqd-coldbench-"))
-    try:
-        with bench_database(args.database_url) as url:
-            run(args, url, workdir)
-    finally:
-        if args.keep_logs:
-            print(f"logs kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print(f"total bench time: {time.perf_counter() - started:.0f} s")
+    run_bench(run, args, "mailqd-coldbench-", args.keep_logs)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -56,7 +55,7 @@ from typing import Any, Protocol
 
 import psycopg
 
-from benchdb import add_database_url_option, bench_database
+from benchdb import add_database_url_option, run_bench
 from mailqd import Client
 from mailqd.store import Store, upgrade
 from rawsmtp import raw_smtp_rate
@@ -906,17 +905,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--keep-log", action="store_true", help="keep the daemon's log file")
     args = parser.parse_args(argv)
-    started = time.perf_counter()
-    workdir = Path(tempfile.mkdtemp(prefix="mailqd-bench-"))
-    try:
-        with bench_database(args.database_url) as url:
-            run(args, url, workdir)
-    finally:
-        if args.keep_log:
-            print(f"daemon log kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print(f"total bench time: {time.perf_counter() - started:.0f} s")
+    run_bench(run, args, "mailqd-bench-", args.keep_log)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shutil
 import sys
-from collections.abc import Iterator
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -48,3 +51,23 @@ def add_database_url_option(parser: argparse.ArgumentParser) -> None:
         help="an empty PostgreSQL database the bench may fill and empty "
         "(default: a throwaway database, dropped at the end)",
     )
+
+
+def run_bench(
+    run: Callable[[argparse.Namespace, str, Path], None],
+    args: argparse.Namespace,
+    prefix: str,
+    keep: bool,
+) -> None:
+    """`run(args, database_url, workdir)` in a fresh work folder, removed after unless `keep`."""
+    started = time.perf_counter()
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        with bench_database(args.database_url) as url:
+            run(args, url, workdir)
+    finally:
+        if keep:
+            print(f"logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"total bench time: {time.perf_counter() - started:.0f} s")
