@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
@@ -38,6 +38,9 @@ from mailqd.store.sql import at_time
 from mailqd.store.stats import Statistics
 from mailqd.store.templates import TemplateStore
 from mailqd.store.translate import translate_errors
+
+if TYPE_CHECKING:
+    from mailqd.store.migrate import MigrationResult
 
 __all__ = ["LONGEST_LEASE", "Completion", "Store", "translate_errors"]
 
@@ -85,7 +88,7 @@ class Store:
 
         return check_schema(self.engine)
 
-    def upgrade(self) -> Any:
+    def upgrade(self) -> MigrationResult:
         """Migrate the schema to this mailqd's revision (`mailqctl migrate`)."""
         from mailqd.store.migrate import upgrade
 
