@@ -67,7 +67,12 @@ class TemplateError(ValidationError):
 
 
 class StoreError(MailqError):
-    """The queue database cannot be used."""
+    """The queue database cannot be used.
+
+    Daemons catch it as an outage and retry; a missing job or template, or
+    a job in the wrong state, is a `NotFoundError` or `ConflictError`
+    instead, as retrying would not help.
+    """
 
 
 class DatabaseUnavailableError(StoreError):
@@ -78,7 +83,22 @@ class SchemaError(StoreError):
     """The database schema is missing or at another version than this mailqd."""
 
 
-class JobNotFoundError(StoreError):
+class ConstraintError(StoreError):
+    """A write broke a unique key of the database (found by SQLSTATE or SQLite's code).
+
+    A `StoreError`, as every database error that is not an outage always was.
+    """
+
+
+class NotFoundError(MailqError):
+    """What an operation names does not exist (a job, a template); the database is fine."""
+
+
+class ConflictError(MailqError):
+    """The operation conflicts with what is stored (a job's state, an existing id)."""
+
+
+class JobNotFoundError(NotFoundError):
     """No job has the given id."""
 
     def __init__(self, job_id: str) -> None:
@@ -86,7 +106,7 @@ class JobNotFoundError(StoreError):
         super().__init__(f"no job with id {job_id}")
 
 
-class TemplateNotFoundError(StoreError):
+class TemplateNotFoundError(NotFoundError):
     """No template has the given id."""
 
     def __init__(self, template_id: str) -> None:
@@ -94,7 +114,7 @@ class TemplateNotFoundError(StoreError):
         super().__init__(f"no template with id {template_id!r}")
 
 
-class TemplateExistsError(StoreError):
+class TemplateExistsError(ConflictError):
     """A template with this id exists already, and replacing it was not asked for."""
 
     def __init__(self, template_id: str) -> None:
@@ -104,7 +124,7 @@ class TemplateExistsError(StoreError):
         )
 
 
-class JobStateError(StoreError):
+class JobStateError(ConflictError):
     """The job exists but is not in a state that allows the operation."""
 
     def __init__(self, job_id: str, status: str, operation: str) -> None:

@@ -57,9 +57,7 @@ class Context:
     def store(self) -> Store:
         store = self.unchecked_store
         if not self._checked:
-            from mailqd.store.migrate import check_schema
-
-            check_schema(store.engine)
+            store.check_schema()
             self._checked = True
         return store
 

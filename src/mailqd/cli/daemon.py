@@ -29,7 +29,6 @@ from mailqd.errors import MailqError
 from mailqd.logging import configure_logging
 from mailqd.secrets import load_secret_box
 from mailqd.signing import DkimSigner
-from mailqd.store import check_schema
 from mailqd.transport import transport_from_settings
 
 __all__ = ["check_configuration", "command", "load_daemon_settings", "main", "run_daemon"]
@@ -177,7 +176,7 @@ def _watchdog_seconds(env: Mapping[str, str]) -> float | None:
 def _schema_revision(database_url: str) -> str:
     store = open_store(database_url)
     try:
-        return check_schema(store.engine)
+        return store.check_schema()
     finally:
         store.close()
 

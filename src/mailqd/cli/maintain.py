@@ -25,9 +25,7 @@ def migrate(state: Context) -> None:
       $ mailqctl migrate
       migrated the schema from (none) to 0001
     """
-    from mailqd.store.migrate import upgrade
-
-    result = upgrade(state.unchecked_store.engine)
+    result = state.unchecked_store.upgrade()
     if result.changed:
         click.echo(f"migrated the schema from {result.before or '(none)'} to {result.after}")
     else:

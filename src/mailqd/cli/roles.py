@@ -52,7 +52,7 @@ def grant_enqueue(
       $ mailqctl grant-enqueue shop_app --create --print-sql
     """
     from mailqd.credentials import read_password_file
-    from mailqd.store.roles import enqueue_role_sql, grant_enqueue_role
+    from mailqd.store.roles import enqueue_role_sql
 
     if print_sql:
         for statement in enqueue_role_sql(role, create=create, schema=schema):
@@ -61,5 +61,5 @@ def grant_enqueue(
     password = None
     if password_file is not None:
         password = read_password_file(password_file, "--password-file")
-    grant_enqueue_role(state.store.engine, role, create=create, password=password, schema=schema)
+    state.store.grant_enqueue_role(role, create=create, password=password, schema=schema)
     click.echo(f"{printable(role)} may now enqueue mail, and read no job's content")

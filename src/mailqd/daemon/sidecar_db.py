@@ -297,7 +297,7 @@ class SidecarDatabase:
     def forget_after_fork(self) -> None:
         """In a freshly forked worker: drop the connections without touching them."""
         if self._store is not None:
-            self._store.engine.dispose(close=False)
+            self._store.forget_after_fork()
             self._store = None
 
     # -- in the threads ----------------------------------------------------------

@@ -63,7 +63,7 @@ from mailqd.config import Settings
 from mailqd.daemon.heartbeat import Heartbeat, WorkerIdentity
 from mailqd.daemon.sidecar import ForkLock, Sidecar
 from mailqd.errors import ConfigError, MailqError, SchemaError
-from mailqd.store import Store, check_schema, is_postgresql
+from mailqd.store import Store, is_postgresql
 from mailqd.transport import redact_url, tls_verification_off
 
 __all__ = [
@@ -246,7 +246,7 @@ class Supervisor:
 
     def check_database(self, settings: Settings) -> str:
         """The schema revision, or `StoreError` if the database cannot be used by these workers."""
-        return check_schema(self._store(settings.database_url).engine)
+        return self._store(settings.database_url).check_schema()
 
     def _main_loop(self) -> None:
         while self.workers or not self.stopping:
@@ -626,7 +626,7 @@ class Supervisor:
         self.workers.clear()
         # The parent's pooled connections must not be used or closed from here.
         for store in self._stores.values():
-            store.engine.dispose(close=False)
+            store.forget_after_fork()
         self._stores.clear()
 
     # -- the sidecar and its metrics ---------------------------------------------

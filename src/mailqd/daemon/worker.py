@@ -42,7 +42,7 @@ from mailqd.logging import mask_addresses_in
 from mailqd.metrics import WorkerMetrics
 from mailqd.models import Job, Outcome
 from mailqd.secrets import SecretBox, load_secret_box, unseal_variables
-from mailqd.store import Completion, Store, check_schema
+from mailqd.store import Completion, Store
 from mailqd.store.notify import JobListener, supports_listen
 from mailqd.store.rows import UnreadableRow
 from mailqd.store.screening import Screened, ScreenedClaim, ScreenRules
@@ -591,7 +591,7 @@ class Worker:
             return
 
     def _database_url(self) -> str:
-        return self.store.engine.url.render_as_string(hide_password=False)
+        return self.store.url
 
 
 async def _cancel(tasks: Sequence[asyncio.Future[Any]]) -> None:
@@ -743,7 +743,7 @@ async def checked_transport_factory(settings: Settings) -> TransportFactory:
 async def _check_schema_if_reachable(store: Store, owner: str) -> None:
     """Refuse an outdated schema; a database that is down is waited for by the loops instead."""
     try:
-        await asyncio.to_thread(check_schema, store.engine)
+        await asyncio.to_thread(store.check_schema)
     except DatabaseUnavailableError as exc:
         structlog.get_logger().warning(
             "database unavailable at start; will keep trying", worker=owner, error=str(exc)

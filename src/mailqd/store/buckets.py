@@ -19,11 +19,10 @@ re-claimed all at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
+from mailqd.store.dialects import Dialect
 from mailqd.store.schema import rate_limit
 
 __all__ = ["TokenGrant", "booked_ahead", "give_back", "reserve", "take", "tokens"]
@@ -46,7 +45,7 @@ class TokenGrant:
 
 def take(
     conn: sa.Connection,
-    dialect: str,
+    dialect: Dialect,
     name: str,
     want: int,
     rate: float,
@@ -60,19 +59,19 @@ def take(
     """
     if want <= 0 or rate <= 0:
         raise ValueError("take() needs want >= 1 and rate > 0")
-    at = _epoch(dialect, now)
-    elapsed = _greatest(dialect, at - r.c.refilled_at, sa.literal(0.0))
-    available = _least(dialect, sa.literal(float(burst)), r.c.tokens + elapsed * rate)
-    grant = _least(dialect, sa.literal(want), _floor(dialect, available))
+    at = dialect.epoch(now)
+    elapsed = dialect.greatest(at - r.c.refilled_at, sa.literal(0.0))
+    available = dialect.least(sa.literal(float(burst)), r.c.tokens + elapsed * rate)
+    grant = dialect.least(sa.literal(want), dialect.floor_int(available))
     first = min(want, int(burst))
     stmt = (
-        _insert_for(dialect)(r)
+        dialect.insert(r)
         .values(name=name, tokens=float(burst) - first, refilled_at=at, granted=first)
         .on_conflict_do_update(
             index_elements=[r.c.name],
             set_={
                 "tokens": available - grant,
-                "refilled_at": _greatest(dialect, at, r.c.refilled_at),
+                "refilled_at": dialect.greatest(at, r.c.refilled_at),
                 "granted": grant,
             },
         )
@@ -83,20 +82,20 @@ def take(
     return TokenGrant(granted=int(granted), tokens_left=float(left), wait_seconds=wait)
 
 
-def give_back(conn: sa.Connection, dialect: str, name: str, count: int, burst: float) -> None:
+def give_back(conn: sa.Connection, dialect: Dialect, name: str, count: int, burst: float) -> None:
     """Return `count` tokens that were taken and not used (never more than `burst`)."""
     if count <= 0:
         return
     stmt = (
         r.update()
         .where(r.c.name == name)
-        .values(tokens=_least(dialect, sa.literal(float(burst)), r.c.tokens + count))
+        .values(tokens=dialect.least(sa.literal(float(burst)), r.c.tokens + count))
     )
     conn.execute(stmt)
 
 
 def reserve(
-    conn: sa.Connection, dialect: str, name: str, count: int, rate: float, now: float
+    conn: sa.Connection, dialect: Dialect, name: str, count: int, rate: float, now: float
 ) -> float:
     """Hand out `count` slots, `1/rate` apart, to jobs that found bucket `name` empty.
 
@@ -107,10 +106,9 @@ def reserve(
     the k-th job is to come back at `first + k / rate`. Call after `take`
     on the same bucket, in the same transaction.
     """
-    wait = _greatest(dialect, sa.literal(0.0), 1.0 - r.c.tokens) / rate
+    wait = dialect.greatest(sa.literal(0.0), 1.0 - r.c.tokens) / rate
     next_token = r.c.refilled_at + wait + SLOT_MARGIN
-    start = _greatest(
-        dialect,
+    start = dialect.greatest(
         sa.func.coalesce(r.c.reserved_until, sa.literal(0.0)),
         next_token,
         sa.literal(float(now)),
@@ -132,45 +130,13 @@ def tokens(conn: sa.Connection, name: str) -> float | None:
 
 
 def booked_ahead(
-    conn: sa.Connection, dialect: str, prefix: str, now: float | None = None
+    conn: sa.Connection, dialect: Dialect, prefix: str, now: float | None = None
 ) -> dict[str, float]:
     """Buckets named `prefix…` with slots handed out beyond `now`: name (prefix cut) → seconds.
 
     Jobs that found such a bucket empty are pending, each due at its slot
     (`reserve`); at `rate` per second, about `seconds * rate` of them wait.
     """
-    ahead = r.c.reserved_until - _epoch(dialect, now)
+    ahead = r.c.reserved_until - dialect.epoch(now)
     stmt = sa.select(r.c.name, ahead).where(r.c.name.startswith(prefix, autoescape=True), ahead > 0)
     return {name.removeprefix(prefix): float(seconds) for name, seconds in conn.execute(stmt)}
-
-
-# -- the few expressions that differ between the databases -------------------------
-
-
-def _insert_for(dialect: str) -> Any:
-    return postgresql.insert if dialect == "postgresql" else sqlite.insert
-
-
-def _epoch(dialect: str, now: float | None) -> sa.ColumnElement[float]:
-    if now is not None:
-        return sa.literal(float(now), type_=sa.Float)
-    if dialect == "postgresql":
-        return sa.cast(sa.extract("epoch", sa.func.statement_timestamp()), sa.Float)
-    return sa.cast((sa.func.julianday("now") - 2440587.5) * 86400.0, sa.Float)
-
-
-def _greatest(dialect: str, *args: sa.ColumnElement[Any]) -> sa.ColumnElement[float]:
-    name = "greatest" if dialect == "postgresql" else "max"
-    return getattr(sa.func, name)(*args)  # type: ignore[no-any-return]
-
-
-def _least(dialect: str, *args: sa.ColumnElement[Any]) -> sa.ColumnElement[float]:
-    name = "least" if dialect == "postgresql" else "min"
-    return getattr(sa.func, name)(*args)  # type: ignore[no-any-return]
-
-
-def _floor(dialect: str, value: sa.ColumnElement[float]) -> sa.ColumnElement[int]:
-    """Whole tokens. SQLite's CAST truncates: floor, for the non-negative counts here."""
-    if dialect == "postgresql":
-        return sa.cast(sa.func.floor(value), sa.Integer)
-    return sa.cast(value, sa.Integer)

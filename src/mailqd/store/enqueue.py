@@ -21,10 +21,10 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from mailqd.errors import StoreError
 from mailqd.models import NewJob
+from mailqd.store.dialects import POSTGRESQL, Dialect, dialect_for
 from mailqd.store.schema import IDEMPOTENCY_KEY_PRESENT
 from mailqd.store.schema import email_queue as q
 
@@ -119,9 +119,8 @@ def _existing_ids(writer: Writer, jobs: Sequence[NewJob]) -> dict[str, str]:
     return found
 
 
-def _insert_statement(dialect: str) -> Any:
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return insert(q).on_conflict_do_nothing(
+def _insert_statement(dialect: Dialect) -> Any:
+    return dialect.insert(q).on_conflict_do_nothing(
         index_elements=["idempotency_key"], index_where=IDEMPOTENCY_KEY_PRESENT
     )
 
@@ -141,7 +140,7 @@ class SqlAlchemyWriter:
 
     def __init__(self, conn: sa.Connection) -> None:
         self._conn = conn
-        self._dialect = conn.dialect.name
+        self._dialect = dialect_for(conn.dialect.name)
 
     def insert_many(self, columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
         self._conn.execute(_insert_statement(self._dialect), rows)
@@ -165,7 +164,7 @@ class PsycopgWriter:
     def __init__(self, raw: Any, dialect: sa.Dialect) -> None:
         import psycopg
 
-        if not isinstance(raw, psycopg.Connection) or dialect.name != "postgresql":
+        if not isinstance(raw, psycopg.Connection) or not dialect_for(dialect.name).is_postgresql:
             raise StoreError(
                 "connection= takes a SQLAlchemy Connection, or a psycopg Connection to the "
                 f"same PostgreSQL database; got {type(raw).__name__}"
@@ -176,7 +175,7 @@ class PsycopgWriter:
     def insert_many(self, columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
         from psycopg.types.json import Jsonb
 
-        compiled = _insert_statement("postgresql").compile(
+        compiled = _insert_statement(POSTGRESQL).compile(
             dialect=self._dialect, column_keys=list(columns)
         )
         params = [

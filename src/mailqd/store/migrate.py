@@ -12,7 +12,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from mailqd.errors import SchemaError
-from mailqd.store.store import translate_errors
+from mailqd.store.translate import translate_errors
 
 VERSION_TABLE = "mailqd_schema_version"
 _MIGRATIONS = Path(__file__).with_name("migrations")

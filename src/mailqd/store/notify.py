@@ -20,7 +20,7 @@ import psycopg
 import structlog
 from psycopg import sql
 
-from mailqd.store.engine import normalize_url
+from mailqd.store.engine import is_postgresql, normalize_url
 from mailqd.store.schema import NOTIFY_CHANNEL
 
 __all__ = ["JobListener", "supports_listen"]
@@ -35,7 +35,7 @@ _OUTAGE_LOG_INTERVAL = 30.0
 
 def supports_listen(database_url: str) -> bool:
     """Whether the database can wake workers (PostgreSQL) or they must poll (SQLite)."""
-    return normalize_url(database_url).get_backend_name() == "postgresql"
+    return is_postgresql(database_url)
 
 
 def _libpq_url(database_url: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from mailqd.store import buckets
 from mailqd.store.buckets import TokenGrant
 from mailqd.store.screening import DOMAIN_BUCKET_PREFIX
-from mailqd.store.store import Store, translate_errors
+from mailqd.store.store import Store
 
 __all__ = ["GLOBAL_BUCKET", "RateLimits", "TokenGrant"]
 
@@ -23,8 +23,8 @@ class RateLimits:
     """The token buckets of one database."""
 
     def __init__(self, store: Store) -> None:
-        self._store = store
-        self._dialect = store.dialect
+        self._db = store.database
+        self._dialect = store.database.dialect
 
     def take(
         self, name: str, want: int, rate: float, burst: float, now: float | None = None
@@ -35,22 +35,22 @@ class RateLimits:
         """
         if want <= 0 or rate <= 0:
             raise ValueError("take() needs want >= 1 and rate > 0")
-        with translate_errors(), self._store.engine.begin() as conn:
+        with self._db.begin() as conn:
             return buckets.take(conn, self._dialect, name, want, rate, burst, now)
 
     def give_back(self, name: str, count: int, burst: float) -> None:
         """Return tokens taken for messages that turned out not to exist (an empty claim)."""
         if count <= 0:
             return
-        with translate_errors(), self._store.engine.begin() as conn:
+        with self._db.begin() as conn:
             buckets.give_back(conn, self._dialect, name, count, burst)
 
     def domains_booked_ahead(self, now: float | None = None) -> dict[str, float]:
         """Rate-limited domains whose jobs wait for slots: domain → seconds of slots handed out."""
-        with translate_errors(), self._store.engine.begin() as conn:
+        with self._db.begin() as conn:
             return buckets.booked_ahead(conn, self._dialect, DOMAIN_BUCKET_PREFIX, now)
 
     def tokens(self, name: str) -> float | None:
         """The bucket's token count as of its last use (None if never used); for tests and stats."""
-        with translate_errors(), self._store.engine.begin() as conn:
+        with self._db.begin() as conn:
             return buckets.tokens(conn, name)

@@ -31,6 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from mailqd.errors import StoreError
+from mailqd.store.dialects import dialect_for
 from mailqd.store.enqueue import _COLUMNS, _SEND_AFTER
 
 __all__ = ["ENQUEUE_COLUMNS", "READABLE_COLUMNS", "enqueue_role_sql", "grant_enqueue_role"]
@@ -79,9 +80,9 @@ def grant_enqueue_role(
     Raises `StoreError` on SQLite, or when the database refuses (the
     connecting role may not create roles or grant on these tables).
     """
-    from mailqd.store.store import translate_errors
+    from mailqd.store.translate import translate_errors
 
-    if engine.dialect.name != "postgresql":
+    if not dialect_for(engine.dialect.name).is_postgresql:
         raise StoreError("database roles exist only on PostgreSQL; SQLite has no permissions")
     with translate_errors(), engine.begin() as conn:
         for statement in enqueue_role_sql(role, create=create, schema=schema):

@@ -175,9 +175,12 @@ def job_from_row(row: sa.Row[Any]) -> Job:
 
 
 def read_claimed(
-    conn: sa.Connection, dialect: str, result: sa.CursorResult[Any], owner: str
+    conn: sa.Connection, strict: bool, result: sa.CursorResult[Any], owner: str
 ) -> Claimed:
     """The claim's rows as jobs; the rows that cannot be read are failed, in `conn`.
+
+    `strict` checks each value against its column's type (SQLite keeps
+    anything in any column: `Dialect.checks_row_types`).
 
     Raises `RereadNeeded` when SQLite's driver refused the rows: the caller
     rolls the claim back and makes it again with `claim_by_rowid`.
@@ -188,9 +191,8 @@ def read_claimed(
     except Exception as exc:
         if pgresult is None:
             raise RereadNeeded(str(exc)) from exc
-        return _reread(conn, dialect, owner, q.c.id, _ids(pgresult))
+        return _reread(conn, strict, owner, q.c.id, _ids(pgresult))
     claimed = Claimed()
-    strict = dialect == "sqlite"
     for row in fetched:
         problem = _problem(row, strict)
         if problem is None:
@@ -219,7 +221,7 @@ def read_jobs(
     except Exception:
         if pgresult is not None:
             return [_leniently(conn, job_id) for job_id in _ids(pgresult)]
-        if conn.dialect.name != "sqlite":
+        if not isinstance(conn.connection.driver_connection, sqlite3.Connection):
             raise
         with replacing_bad_utf8(conn):
             return [job_from_row(row) for row in conn.execute(again)]
@@ -278,15 +280,14 @@ def claim_by_rowid(
 ) -> Claimed:
     """The claim `stmt` (returning SQLite's rowid only), each claimed row then read alone."""
     keys = list(conn.execute(stmt, params).scalars())
-    return _reread(conn, "sqlite", owner, ROWID, keys)
+    return _reread(conn, True, owner, ROWID, keys)
 
 
 def _reread(
-    conn: sa.Connection, dialect: str, owner: str, key: sa.ColumnElement[Any], keys: list[Any]
+    conn: sa.Connection, strict: bool, owner: str, key: sa.ColumnElement[Any], keys: list[Any]
 ) -> Claimed:
     """Read claimed rows one at a time, and a row that fails one column at a time."""
     claimed = Claimed()
-    strict = dialect == "sqlite"
     by_rowid = key is ROWID
     for value in keys:
         problem: tuple[str, str] | None

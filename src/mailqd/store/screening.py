@@ -36,23 +36,21 @@ and no worker re-claims it in a loop.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from mailqd.models import Job, Outcome, Status
-from mailqd.rules import envelope_addresses
-from mailqd.store import buckets
-from mailqd.store.rows import UnreadableRow
+from mailqd.store import recipient_cap
+from mailqd.store.dedup import content_hash, deduplicate
+from mailqd.store.dialects import Dialect
 from mailqd.store.schema import add_seconds, dedup, email_attempts, email_queue, recipient_counts
+from mailqd.store.screened import Screened, ScreenedClaim, ScreenRules, recipients_of
+from mailqd.store.throttle import DOMAIN_BUCKET_PREFIX, throttle
 
 __all__ = [
     "DOMAIN_BUCKET_PREFIX",
@@ -63,149 +61,16 @@ __all__ = [
     "recipients_of",
 ]
 
-DOMAIN_BUCKET_PREFIX = "domain:"
-"""`mailqd_rate_limit` rows of the per-domain limits are named `domain:<domain>`."""
-
 q = email_queue
 d = dedup
 rc = recipient_counts
 
 _HOUR = timedelta(hours=1)
-_LONGEST_ADDRESS = 254
-"""Longer is no address (RFC 5321); such a job fails when composed, so it is not counted."""
 _PURGE_BATCH = 5000
-# The holder of a hash ended without being sent, or was deleted: its hash is free.
-# Text, because SQLAlchemy would not correlate the subquery to the upserted row.
-_HOLDER_GONE = sa.literal_column(
-    "NOT EXISTS (SELECT 1 FROM email_queue AS holder WHERE holder.id = mailqd_dedup.job_id"
-    " AND holder.status IN ('pending', 'sending', 'sent'))",
-    sa.Boolean,
-)
-
-
-@dataclass(frozen=True, slots=True)
-class ScreenRules:
-    """What to screen claimed jobs for; a rule at 0 is off.
-
-    `open_variables` turns a job's stored `variables` into what they say
-    (encrypted variables differ at every enqueue), for the content hash.
-    """
-
-    dedup_window: float = 0.0
-    """Seconds: a job with the same content as one claimed this recently is not sent."""
-    recipient_hourly_cap: int = 0
-    """Sends begun per recipient per clock hour; more wait for the next hour."""
-    domain_rates: Mapping[str, float] = field(default_factory=dict)
-    """Messages per second per recipient domain (`Settings.domain_rates`); `*.d`: d's subdomains."""
-    open_variables: Callable[[Any], Any] | None = field(default=None, compare=False)
-
-    @property
-    def active(self) -> bool:
-        return self.dedup_window > 0 or self.recipient_hourly_cap > 0 or bool(self.domain_rates)
-
-    def limited_domain(self, domain: str) -> str | None:
-        """The `domain_rates` key that limits a (lower-cased) recipient domain, if any.
-
-        The exact domain first, then the closest `*.parent` above it.
-        """
-        if domain in self.domain_rates:
-            return domain
-        labels = domain.split(".")
-        for i in range(1, len(labels)):
-            wildcard = "*." + ".".join(labels[i:])
-            if wildcard in self.domain_rates:
-                return wildcard
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class Screened:
-    """A claimed job that was not sent, and why; already recorded in the store."""
-
-    job: Job
-    outcome: Outcome
-    """`DUPLICATE` (now cancelled), `DEFERRED` or `THROTTLED` (both pending again)."""
-    reason: str
-    """The job's `last_error` and its attempt row's text (`THROTTLED`: for the log only)."""
-    domain: str = ""
-    """`THROTTLED`: the limited domain (a `domain_rates` key) that held the job back."""
-    delay: float = 0.0
-    """`DEFERRED`, `THROTTLED`: seconds from the claim until the job is due again."""
-
-
-@dataclass(frozen=True, slots=True)
-class ScreenedClaim:
-    """What `Store.claim_screened` took: jobs to send, and jobs it set aside."""
-
-    jobs: list[Job]
-    screened: list[Screened] = field(default_factory=list)
-    unreadable: list[UnreadableRow] = field(default_factory=list)
-    """Rows that could not be read: already failed, each with its column in `last_error`."""
-
-    @property
-    def claimed(self) -> int:
-        return len(self.jobs) + len(self.screened) + len(self.unreadable)
-
-    def count(self, outcome: Outcome) -> int:
-        return sum(1 for s in self.screened if s.outcome is outcome)
-
-
-# -- what is compared ---------------------------------------------------------------
-
-
-def recipients_of(job: Job) -> list[str]:
-    """The job's To, Cc and Bcc envelope addresses, lower-cased, each once, sorted.
-
-    Parsed by the composer's own parser (`mailqd.rules`), so these are the
-    addresses the message would go to, domains in A-labels as sent. A
-    field that is no address list is refused later by the composer; here
-    it counts as its text, so one odd row never stops a claim.
-    """
-    found: set[str] = set()
-    for value in (job.recipient_to, job.cc, job.bcc):
-        if not value:
-            continue
-        addresses = envelope_addresses(value)
-        if addresses is None:
-            found.add(str(value).strip().lower())
-        else:
-            found.update(addr.lower() for addr in addresses)
-    return sorted(found)
-
-
-def content_hash(job: Job, open_variables: Callable[[Any], Any] | None = None) -> str:
-    """SHA-256 over what makes two messages the same message to the same people.
-
-    Not the headers, reply-to, priority or schedule: a retried enqueue of
-    the same message differs in none of what is hashed.
-    """
-    variables = job.variables
-    if open_variables is not None and variables is not None:
-        try:
-            variables = open_variables(variables)
-        except Exception:  # a job whose variables cannot be opened fails when rendered
-            variables = job.variables
-    content = {
-        "recipients": recipients_of(job),
-        "from": (job.from_address or "").strip().lower(),
-        "subject": job.subject,
-        "body": job.body,
-        "html": job.html,
-        "template_id": job.template_id,
-        "variables": variables,
-    }
-    try:
-        text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
-    except (RecursionError, ValueError):  # variables nested too deeply: like no other job
-        text = json.dumps({**content, "variables": {"unhashable job": job.id}}, default=str)
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-# -- the screening, in the claim's transaction ---------------------------------------
 
 
 def screen(
-    conn: sa.Connection, dialect: str, jobs: Sequence[Job], rules: ScreenRules, owner: str
+    conn: sa.Connection, dialect: Dialect, jobs: Sequence[Job], rules: ScreenRules, owner: str
 ) -> ScreenedClaim:
     """Judge freshly claimed `jobs` (all stamped with the claim's time) and record the verdicts."""
     if not jobs or not rules.active:
@@ -213,198 +78,21 @@ def screen(
     at = jobs[0].updated_at  # the claim's database time, the same on every claimed row
     screened: dict[str, Screened] = {}
     if rules.dedup_window > 0:
-        screened |= _deduplicate(conn, dialect, jobs, rules, at)
+        screened |= deduplicate(conn, dialect, jobs, rules, at)
     if rules.recipient_hourly_cap > 0:
         remaining = [job for job in jobs if job.id not in screened]
-        screened |= _cap(conn, dialect, remaining, rules.recipient_hourly_cap, at)
+        screened |= recipient_cap.cap(conn, dialect, remaining, rules.recipient_hourly_cap, at)
     if rules.domain_rates:
         remaining = [job for job in jobs if job.id not in screened]
-        throttled = _throttle(conn, dialect, remaining, rules, at)
+        throttled = throttle(conn, dialect, remaining, rules, at)
         if rules.recipient_hourly_cap > 0:  # their sends were counted, and did not begin
-            hour = at.replace(minute=0, second=0, microsecond=0)
-            _give_back(conn, hour, Counter(a for s in throttled.values() for a in _counted(s.job)))
+            given = Counter(a for s in throttled.values() for a in recipient_cap.counted(s.job))
+            recipient_cap.give_back(conn, recipient_cap.hour_of(at), given)
         screened |= throttled
     if screened:
         _record(conn, list(screened.values()), owner, at)
     return ScreenedClaim(
         jobs=[job for job in jobs if job.id not in screened], screened=list(screened.values())
-    )
-
-
-def _deduplicate(
-    conn: sa.Connection, dialect: str, jobs: Sequence[Job], rules: ScreenRules, at: datetime
-) -> dict[str, Screened]:
-    """Claim each distinct hash for its first job; every job whose hash another job holds is out.
-
-    Within the batch the oldest job (by `created_at`) is the candidate.
-    The rows are written in hash order, so two workers upserting the same
-    hashes lock them in the same order and cannot deadlock.
-    """
-    hashes = {job.id: content_hash(job, rules.open_variables) for job in jobs}
-    candidates: dict[str, Job] = {}
-    for job in sorted(jobs, key=lambda j: (j.created_at, j.id)):
-        candidates.setdefault(hashes[job.id], job)
-    insert = _insert_for(dialect)(d).values(
-        [
-            {"content_hash": h, "job_id": candidates[h].id, "first_seen_at": at}
-            for h in sorted(candidates)
-        ]
-    )
-    proposed = insert.excluded
-    cutoff = sa.literal(at - timedelta(seconds=rules.dedup_window), type_=d.c.first_seen_at.type)
-    take_over = (d.c.first_seen_at <= cutoff) | (d.c.job_id == proposed.job_id) | _HOLDER_GONE
-    stmt = insert.on_conflict_do_update(
-        index_elements=[d.c.content_hash],
-        set_={
-            "job_id": sa.case((take_over, proposed.job_id), else_=d.c.job_id),
-            "first_seen_at": sa.case((take_over, proposed.first_seen_at), else_=d.c.first_seen_at),
-        },
-    ).returning(d.c.content_hash, d.c.job_id)
-    holders = {row.content_hash: row.job_id for row in conn.execute(stmt)}
-    span = _span(rules.dedup_window)
-    return {
-        job.id: Screened(
-            job,
-            Outcome.DUPLICATE,
-            f"duplicate of job {holders[hashes[job.id]]}: the same recipients and content "
-            f"were claimed for sending within {span} (dedup_window); not sent",
-        )
-        for job in jobs
-        if holders[hashes[job.id]] != job.id
-    }
-
-
-def _cap(
-    conn: sa.Connection, dialect: str, jobs: Sequence[Job], cap: int, at: datetime
-) -> dict[str, Screened]:
-    """Count the batch's sends per recipient this hour; defer the jobs that would exceed `cap`.
-
-    One upsert adds what the whole batch wants and returns the new totals;
-    the jobs are then admitted in claim order while every recipient of the
-    job has room, and what the deferred jobs had added is taken back. The
-    rows are written in address order (no deadlock between workers).
-    """
-    wanted = {job.id: _counted(job) for job in jobs}
-    demand = Counter(address for addresses in wanted.values() for address in addresses)
-    if not demand:
-        return {}
-    hour = at.replace(minute=0, second=0, microsecond=0)
-    insert = _insert_for(dialect)(rc).values(
-        [{"hour_start": hour, "recipient": r, "sent": n} for r, n in sorted(demand.items())]
-    )
-    stmt = insert.on_conflict_do_update(
-        index_elements=[rc.c.hour_start, rc.c.recipient],
-        set_={"sent": rc.c.sent + insert.excluded.sent},
-    ).returning(rc.c.recipient, rc.c.sent)
-    room = {row.recipient: cap - (row.sent - demand[row.recipient]) for row in conn.execute(stmt)}
-    unused = Counter(demand)
-    deferred: dict[str, Screened] = {}
-    next_hour = hour + _HOUR
-    for job in jobs:
-        full = next((r for r in wanted[job.id] if room[r] <= 0), None)
-        if full is None:
-            for address in wanted[job.id]:
-                room[address] -= 1
-                unused[address] -= 1
-            continue
-        reason = (
-            f"deferred to {next_hour:%Y-%m-%d %H:%M} UTC: recipient {full} reached "
-            f"recipient_hourly_cap ({cap} per hour); attempt not counted"
-        )
-        deferred[job.id] = Screened(
-            job, Outcome.DEFERRED, reason, delay=(next_hour - at).total_seconds()
-        )
-    _give_back(conn, hour, +unused)
-    return deferred
-
-
-def _counted(job: Job) -> list[str]:
-    """The job's recipients that the cap counts."""
-    return [r for r in recipients_of(job) if len(r) <= _LONGEST_ADDRESS]
-
-
-def _throttle(
-    conn: sa.Connection, dialect: str, jobs: Sequence[Job], rules: ScreenRules, at: datetime
-) -> dict[str, Screened]:
-    """Take a token per job from each limited domain it sends to; put off the jobs that get none.
-
-    One take per limited domain in the batch, in domain order (no deadlock
-    between workers: the rows stay locked until the claim commits). The
-    jobs are then admitted in claim order while each of their domains has
-    a token left; what is left over is given back. The jobs turned away
-    are handed slots by their domains' buckets (`buckets.reserve`) and are
-    due at the latest of their slots.
-    """
-    limited = {job.id: _limited_domains(job, rules) for job in jobs}
-    demand = Counter(domain for domains in limited.values() for domain in domains)
-    if not demand:
-        return {}
-    now = at.timestamp()  # the claim's database time: all buckets of this claim agree
-    left: dict[str, int] = {}
-    for domain, n in sorted(demand.items()):
-        rate = rules.domain_rates[domain]
-        grant = buckets.take(conn, dialect, _bucket(domain), n, rate, _burst(rate), now)
-        left[domain] = grant.granted
-    refused: list[tuple[Job, list[str]]] = []
-    for job in jobs:
-        empty = [domain for domain in limited[job.id] if left[domain] <= 0]
-        if empty:
-            refused.append((job, empty))
-            continue
-        for domain in limited[job.id]:
-            left[domain] -= 1
-    for domain, unused in sorted(left.items()):
-        rate = rules.domain_rates[domain]
-        buckets.give_back(conn, dialect, _bucket(domain), unused, _burst(rate))
-    waiting = Counter(domain for _, empty in refused for domain in empty)
-    first_slot = {
-        domain: buckets.reserve(conn, dialect, _bucket(domain), n, rules.domain_rates[domain], now)
-        for domain, n in sorted(waiting.items())
-    }
-    places: Counter[str] = Counter()
-    throttled: dict[str, Screened] = {}
-    for job, empty in refused:
-        slots: dict[str, float] = {}
-        for domain in empty:
-            slots[domain] = first_slot[domain] + places[domain] / rules.domain_rates[domain]
-            places[domain] += 1
-        domain = max(slots, key=lambda d: slots[d])
-        delay = max(0.0, slots[domain] - now)
-        reason = (
-            f"recipient domain {domain} is at its domain_rate_limits "
-            f"({rules.domain_rates[domain]:g}/s); due again in {delay:.2f} s, attempt not counted"
-        )
-        throttled[job.id] = Screened(job, Outcome.THROTTLED, reason, domain=domain, delay=delay)
-    return throttled
-
-
-def _limited_domains(job: Job, rules: ScreenRules) -> list[str]:
-    """The `domain_rates` keys the job's recipients fall under, each once, sorted."""
-    found = {rules.limited_domain(address.rpartition("@")[2]) for address in recipients_of(job)}
-    return sorted(domain for domain in found if domain is not None)
-
-
-def _bucket(domain: str) -> str:
-    return DOMAIN_BUCKET_PREFIX + domain
-
-
-def _burst(rate: float) -> float:
-    """One second's worth, and at least one message, as for `rate_limit`."""
-    return max(1.0, rate)
-
-
-def _give_back(conn: sa.Connection, hour: datetime, unused: Counter[str]) -> None:
-    """Take back the counts added for jobs that were deferred after all."""
-    if not unused:
-        return
-    stmt = (
-        rc.update()
-        .where(rc.c.hour_start == sa.bindparam("b_hour"), rc.c.recipient == sa.bindparam("b_rcpt"))
-        .values(sent=rc.c.sent - sa.bindparam("b_n", type_=sa.Integer))
-    )
-    conn.execute(
-        stmt,
-        [{"b_hour": hour, "b_rcpt": r, "b_n": n} for r, n in sorted(unused.items())],
     )
 
 
@@ -507,13 +195,3 @@ def purge(
             if deleted < _PURGE_BATCH:
                 break
     return total
-
-
-def _insert_for(dialect: str) -> Any:
-    return postgresql.insert if dialect == "postgresql" else sqlite.insert
-
-
-def _span(seconds: float) -> str:
-    if seconds >= 60 and seconds % 60 == 0:
-        return f"{seconds / 60:g} min"
-    return f"{seconds:g} s"

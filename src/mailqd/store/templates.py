@@ -8,21 +8,17 @@ caller (`mailqd.templates.compile_template`) before `put`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from mailqd.errors import TemplateExistsError, TemplateNotFoundError
 from mailqd.models import Template
+from mailqd.store.database import Database
 from mailqd.store.schema import email_templates as t
 from mailqd.store.schema import utcnow
 
 __all__ = ["TemplateStore"]
-
-Begin = Callable[[], AbstractContextManager[sa.Connection]]
 
 
 def _template_from_row(row: sa.Row[Any]) -> Template:
@@ -31,11 +27,10 @@ def _template_from_row(row: sa.Row[Any]) -> Template:
 
 
 class TemplateStore:
-    """The templates of one database; `begin` opens a short transaction (the store's own)."""
+    """The templates of one database."""
 
-    def __init__(self, begin: Begin, dialect: str) -> None:
-        self._begin = begin
-        self._dialect = dialect
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     def put(
         self,
@@ -53,7 +48,7 @@ class TemplateStore:
         Without `replace`, an existing id raises `TemplateExistsError` and
         nothing is written.
         """
-        insert = (postgresql.insert if self._dialect == "postgresql" else sqlite.insert)(t).values(
+        insert = self._db.dialect.insert(t).values(
             id=template_id, subject=subject, text_body=text_body, html_body=html_body
         )
         if replace:
@@ -68,7 +63,7 @@ class TemplateStore:
             )
         else:
             stmt = insert.on_conflict_do_nothing(index_elements=[t.c.id])
-        with self._begin() as conn:
+        with self._db.begin() as conn:
             row = conn.execute(stmt.returning(*t.c)).first()
         if row is None:
             raise TemplateExistsError(template_id)
@@ -76,7 +71,7 @@ class TemplateStore:
 
     def get(self, template_id: str) -> Template:
         """The template, or `TemplateNotFoundError`."""
-        with self._begin() as conn:
+        with self._db.begin() as conn:
             row = conn.execute(sa.select(t).where(t.c.id == template_id)).first()
         if row is None:
             raise TemplateNotFoundError(template_id)
@@ -84,7 +79,7 @@ class TemplateStore:
 
     def all(self) -> list[Template]:
         """Every template, by id."""
-        with self._begin() as conn:
+        with self._db.begin() as conn:
             return [_template_from_row(r) for r in conn.execute(sa.select(t).order_by(t.c.id))]
 
     def delete(self, template_id: str) -> None:
@@ -93,6 +88,6 @@ class TemplateStore:
         Jobs still queued with this template id fail when they are sent
         ("unknown template"); they are not touched here.
         """
-        with self._begin() as conn:
+        with self._db.begin() as conn:
             if conn.execute(t.delete().where(t.c.id == template_id)).rowcount == 0:
                 raise TemplateNotFoundError(template_id)

@@ -1,0 +1,269 @@
+"""The job lease protocol, as workers use it: claim, complete, release, extend, rescue.
+
+A job is guarded by its lease: an outcome is recorded only by the worker
+that still holds the job. Time is the database's clock unless a `now` is
+passed (tests pass one to be exact), so that daemons on several hosts
+agree on what is due and what has expired.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from mailqd.models import Outcome, Status
+from mailqd.store import rows, screening
+from mailqd.store.completion import Completion
+from mailqd.store.database import Database
+from mailqd.store.schema import UNLEASED, add_seconds, utcnow
+from mailqd.store.screening import ScreenedClaim, ScreenRules
+from mailqd.store.sql import a, at_time, held, q, status_is
+
+__all__ = ["LONGEST_LEASE", "JobLeases"]
+
+LONGEST_LEASE = 86400.0
+"""Seconds: a lease ending further ahead was given by no worker, and is rescued (`rescue`)."""
+
+
+def _claim_statement(at: sa.ColumnElement[datetime], *, rowids: bool = False) -> sa.Update:
+    """The claim, with `b_limit`, `b_owner` and `b_lease` (seconds) bound at execution.
+
+    With `rowids` it returns SQLite's rowid of each row, not the row: what
+    `rows.claim_by_rowid` reads a batch with that SQLite's driver refused.
+    """
+    due = (
+        sa.select(q.c.id)
+        .where(status_is(Status.PENDING), q.c.next_attempt_at <= at)
+        .order_by(q.c.priority.desc(), q.c.next_attempt_at, q.c.id)
+        .limit(sa.bindparam("b_limit", type_=sa.Integer))
+        .with_for_update(skip_locked=True)
+        .cte("due")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
+    )
+    return (
+        q.update()
+        .where(q.c.id.in_(sa.select(due.c.id)))
+        .values(
+            status=Status.SENDING,
+            lease_owner=sa.bindparam("b_owner", type_=sa.String),
+            lease_expires_at=add_seconds(at, sa.bindparam("b_lease", type_=sa.Float)),
+            updated_at=at,
+        )
+        .returning(*((rows.ROWID,) if rowids else q.c))
+    )
+
+
+# The worker's hot statement, built once: constructing it (and its cache
+# key) cost more CPU per call than executing it. Tests that pass `now` get
+# a fresh statement with that time.
+_CLAIM_AT_DB_TIME = _claim_statement(utcnow())
+
+
+def _claim_for(now: datetime | None, *, rowids: bool = False) -> sa.Update:
+    if now is None and not rowids:
+        return _CLAIM_AT_DB_TIME
+    return _claim_statement(at_time(now), rowids=rowids)
+
+
+class JobLeases:
+    """Claiming jobs and recording what became of them, on one database."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def claim_batch(
+        self, owner: str, limit: int, lease_seconds: float, now: datetime | None = None
+    ) -> ScreenedClaim:
+        """Take up to `limit` due jobs, saying which claimed rows could not be read.
+
+        Highest priority first, then oldest due. On PostgreSQL the due rows
+        are locked with SKIP LOCKED, so concurrent claimers each get
+        different jobs without waiting on each other; on SQLite the
+        transaction holds the database's write lock. Rows that cannot be
+        read are failed in the claim, alone, each with a `last_error`
+        naming the column (`mailqd.store.rows`); the others are handed on.
+        """
+        if limit <= 0:
+            return ScreenedClaim([])
+        db = self._db
+        params = {"b_limit": limit, "b_owner": owner, "b_lease": lease_seconds}
+        try:
+            with db.one_statement() as conn:
+                result = conn.execute(_claim_for(now), params)
+                claimed = rows.read_claimed(conn, db.dialect.checks_row_types, result, owner)
+        except rows.RereadNeeded:
+            with db.begin() as conn:
+                claimed = rows.claim_by_rowid(conn, _claim_for(now, rowids=True), params, owner)
+        return ScreenedClaim(claimed.in_claim_order(), unreadable=claimed.unreadable)
+
+    def claim_screened(
+        self,
+        owner: str,
+        limit: int,
+        lease_seconds: float,
+        rules: ScreenRules,
+        now: datetime | None = None,
+    ) -> ScreenedClaim:
+        """`claim_batch`, then set aside duplicates, capped and throttled jobs, in one transaction.
+
+        What `rules` turns away is recorded before this returns (see
+        `mailqd.store.screening`); only the jobs to send are held. One
+        transaction, so a failure leaves nothing claimed and nothing counted.
+        """
+        if limit <= 0:
+            return ScreenedClaim([])
+        db = self._db
+        params = {"b_limit": limit, "b_owner": owner, "b_lease": lease_seconds}
+        try:
+            with db.begin() as conn:
+                result = conn.execute(_claim_for(now), params)
+                claimed = rows.read_claimed(conn, db.dialect.checks_row_types, result, owner)
+                return self._screen(conn, claimed, rules, owner)
+        except rows.RereadNeeded:
+            with db.begin() as conn:
+                claimed = rows.claim_by_rowid(conn, _claim_for(now, rowids=True), params, owner)
+                return self._screen(conn, claimed, rules, owner)
+
+    def _screen(
+        self, conn: sa.Connection, claimed: rows.Claimed, rules: ScreenRules, owner: str
+    ) -> ScreenedClaim:
+        jobs = claimed.in_claim_order()
+        screened = screening.screen(conn, self._db.dialect, jobs, rules, owner)
+        return dataclasses.replace(screened, unreadable=claimed.unreadable)
+
+    def complete(self, completions: Sequence[Completion], now: datetime | None = None) -> int:
+        """Record outcomes of held jobs and their attempt rows, in one transaction.
+
+        Returns how many jobs changed state: an outcome for a job whose lease
+        this owner no longer holds changes nothing (the attempt is still
+        recorded, because it happened).
+        """
+        if not completions:
+            return 0
+        return self._db.dialect.complete(self._db, completions, now)
+
+    def release(self, job_ids: Sequence[str], owner: str, now: datetime | None = None) -> int:
+        """Give held jobs back unsent: pending, due now, the attempt not counted."""
+        if not job_ids:
+            return 0
+        at = at_time(now)
+        stmt = (
+            q.update()
+            .where(q.c.id.in_(job_ids), q.c.status == Status.SENDING, q.c.lease_owner == owner)
+            .values(
+                status=Status.PENDING,
+                lease_owner=None,
+                lease_expires_at=None,
+                next_attempt_at=at,
+                updated_at=at,
+            )
+        )
+        with self._db.begin() as conn:
+            return conn.execute(stmt).rowcount
+
+    def extend_leases(
+        self, job_ids: Sequence[str], owner: str, lease_seconds: float, now: datetime | None = None
+    ) -> int:
+        """Push back the lease expiry of jobs still being worked on."""
+        if not job_ids:
+            return 0
+        at = at_time(now)
+        stmt = (
+            q.update()
+            .where(q.c.id.in_(job_ids), q.c.status == Status.SENDING, q.c.lease_owner == owner)
+            .values(lease_expires_at=add_seconds(at, lease_seconds))
+        )
+        with self._db.begin() as conn:
+            return conn.execute(stmt).rowcount
+
+    def rescue(
+        self,
+        *,
+        owner: str | None = None,
+        now: datetime | None = None,
+        limit: int = 1000,
+        longest_lease: float = LONGEST_LEASE,
+    ) -> list[str]:
+        """Return jobs whose worker is gone to the queue; returns their ids.
+
+        Without `owner`: jobs whose lease has expired (their daemon died, or
+        hung), and `sending` rows no worker can hold: with no lease at all,
+        or one ending more than `longest_lease` seconds from now, which no
+        worker gives (plain SQL wrote them). With `owner`: every job that
+        worker holds, expired or not (the supervisor saw it die). The
+        interrupted attempt is counted and recorded as `lost`, so a message
+        that kills every worker that tries it runs out of attempts instead
+        of looping forever.
+        """
+        at = at_time(now)
+        stmt = _rescue_statement(at, owner, limit, longest_lease)
+        with self._db.begin() as conn, rows.replacing_bad_utf8(conn):  # an id plain SQL wrote
+            rescued = list(conn.execute(stmt))
+            if rescued:
+                started = conn.execute(sa.select(at)).scalar_one()
+                conn.execute(a.insert(), [_lost(r, started, owner) for r in rescued])
+                self._db.dialect.notify(conn)
+        return [r.id for r in rescued]
+
+
+def _rescue_statement(
+    at: sa.ColumnElement[datetime], owner: str | None, limit: int, longest_lease: float
+) -> sa.Update:
+    """Jobs `rescue` returns, pending again with the reason in `last_error`."""
+    too_long = q.c.lease_expires_at > add_seconds(at, longest_lease)
+    if owner is not None:
+        cond = held() & (q.c.lease_owner == owner)
+    else:
+        cond = (held() & ((q.c.lease_expires_at < at) | too_long)) | UNLEASED
+    victims = (
+        sa.select(q.c.id)
+        .where(cond)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .cte("victims")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
+    )
+    worker = sa.func.coalesce(q.c.lease_owner, "?")
+    why = sa.case(
+        (UNLEASED, sa.literal("sending with no lease: no worker held it")),
+        (
+            too_long,
+            sa.literal("lease longer than any worker gives: the worker ")
+            + worker
+            + sa.literal(" cannot hold it"),
+        ),
+        else_=sa.literal("lease expired: the worker ")
+        + worker
+        + sa.literal(" stopped during delivery"),
+    )
+    return (
+        q.update()
+        .where(q.c.id.in_(sa.select(victims.c.id)), cond)
+        .values(
+            status=Status.PENDING,
+            attempts=rows.counted_attempt(),
+            last_error=why,
+            lease_owner=None,
+            lease_expires_at=None,
+            next_attempt_at=at,
+            updated_at=at,
+        )
+        .returning(q.c.id, q.c.attempts, q.c.last_error)
+    )
+
+
+def _lost(row: Any, started: datetime, owner: str | None) -> dict[str, Any]:
+    """The `lost` attempt row of one rescued job."""
+    return {
+        "job_id": row.id,
+        "attempt": row.attempts,
+        "started_at": started,
+        "duration_seconds": 0.0,
+        "outcome": Outcome.LOST,
+        "smtp_text": row.last_error,
+        "worker": owner,
+    }

@@ -1,0 +1,163 @@
+"""Statistics of the queue: counts for `mailqctl stats`/`top`, gauges for `/metrics`.
+
+Read-only. Each count reads the partial index that holds its rows, never
+the millions of sent rows that make up most of the table.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from mailqd.models import Outcome, QueueCounts, QueueStats, Status, WindowStats
+from mailqd.store.database import Database
+from mailqd.store.schema import UNLEASED, add_seconds, seconds_between
+from mailqd.store.sql import (
+    SCREENED_OUTCOMES,
+    a,
+    at_time,
+    having,
+    q,
+    read_counts,
+    status_in,
+    status_is,
+)
+
+__all__ = ["Statistics"]
+
+_FIVE_MINUTES = 300.0
+_HOUR = 3600.0
+
+
+class Statistics:
+    """What the queue of one database holds, and what it did lately."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def counts(self, now: datetime | None = None) -> QueueCounts:
+        """Jobs per status, and how long the oldest due pending job has waited."""
+        at = at_time(now)
+        oldest = sa.select(seconds_between(at, sa.func.min(q.c.next_attempt_at))).where(
+            status_is(Status.PENDING), q.c.next_attempt_at <= at
+        )
+        with self._db.begin() as conn:
+            counts = read_counts(conn)
+            age = conn.execute(oldest).scalar()
+        return QueueCounts(by_status=counts, oldest_due_age_seconds=age)
+
+    def queue_stats(self, now: datetime | None = None, soon_seconds: float = 60.0) -> QueueStats:
+        """Counts by status, what is due and waiting to retry, and the last 5 minutes and hour.
+
+        "Sent"/"failed" in a window are jobs whose final state was reached in
+        it (`updated_at`, read through the finished-jobs index, so the
+        millions of older sent rows are not scanned); attempts come from the
+        attempts table by start time.
+        """
+        at = at_time(now)
+        with self._db.begin() as conn:
+            taken_at = conn.execute(sa.select(at)).scalar_one()
+            counts = read_counts(conn)
+            due, oldest, retrying, soon = conn.execute(_pending(at, soon_seconds)).one()
+            sent_5m, failed_5m, sent_1h, failed_1h = conn.execute(_finished(at)).one()
+            attempts = conn.execute(_attempts(at)).one()
+            unleased = conn.execute(sa.select(sa.func.count()).where(UNLEASED)).scalar_one()
+        return QueueStats(
+            at=taken_at,
+            counts=QueueCounts(by_status=counts, oldest_due_age_seconds=oldest),
+            due=due,
+            retries_waiting=retrying,
+            retries_due_soon=soon,
+            soon_seconds=soon_seconds,
+            last_5m=WindowStats(_FIVE_MINUTES, sent_5m, failed_5m, *attempts[:3]),
+            last_1h=WindowStats(_HOUR, sent_1h, failed_1h, *attempts[3:]),
+            unleased=unleased,
+        )
+
+    def unfinished_counts(self, now: datetime | None = None) -> QueueCounts:
+        """Pending, sending and failed jobs, and the oldest due job's wait, in one statement.
+
+        For `/metrics`, which may be scraped every second: each count reads
+        only its own status's entries in the index that holds them, never
+        the sent rows that make up most of the table, so `by_status` holds
+        only those three statuses.
+        """
+        at = at_time(now)
+
+        def count(status: Status) -> sa.ScalarSelect[Any]:
+            return sa.select(sa.func.count()).where(having(status)).scalar_subquery()
+
+        oldest_due = (
+            sa.select(seconds_between(at, sa.func.min(q.c.next_attempt_at)))
+            .where(status_is(Status.PENDING), q.c.next_attempt_at <= at)
+            .scalar_subquery()
+        )
+        stmt = sa.select(
+            count(Status.PENDING), count(Status.SENDING), count(Status.FAILED), oldest_due
+        )
+        with self._db.begin() as conn:
+            pending_count, sending_count, failed_count, oldest = conn.execute(stmt).one()
+        return QueueCounts(
+            by_status={
+                Status.PENDING: pending_count,
+                Status.SENDING: sending_count,
+                Status.FAILED: failed_count,
+            },
+            oldest_due_age_seconds=oldest,
+        )
+
+    def failed_attempts_count(self) -> int:
+        """Attempts that did not deliver (retried, failed, expired, lost) still on record."""
+        stmt = sa.select(sa.func.count()).where(
+            a.c.outcome.not_in((Outcome.SENT, *SCREENED_OUTCOMES))
+        )
+        with self._db.begin() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+
+def _pending(
+    at: sa.ColumnElement[datetime], soon_seconds: float
+) -> sa.Select[int, float, int, int]:
+    """Due jobs, the oldest due one's wait, retries waiting and retries due soon."""
+    is_due = q.c.next_attempt_at <= at
+    waiting_retry = (q.c.attempts > 0) & (q.c.next_attempt_at > at)
+    return sa.select(
+        sa.func.count().filter(is_due),
+        seconds_between(at, sa.func.min(q.c.next_attempt_at).filter(is_due)),
+        sa.func.count().filter(waiting_retry),
+        sa.func.count().filter(
+            waiting_retry & (q.c.next_attempt_at <= add_seconds(at, soon_seconds))
+        ),
+    ).where(status_is(Status.PENDING))
+
+
+def _finished(at: sa.ColumnElement[datetime]) -> sa.Select[int, int, int, int]:
+    """Jobs sent and failed in the last 5 minutes and the last hour."""
+    hour_ago, five_min_ago = add_seconds(at, -_HOUR), add_seconds(at, -_FIVE_MINUTES)
+    ended_recently = (q.c.updated_at > hour_ago) & (q.c.updated_at <= at)
+    in_5m = q.c.updated_at > five_min_ago
+    sent, failed = q.c.status == Status.SENT, q.c.status == Status.FAILED
+    return sa.select(
+        sa.func.count().filter(sent & in_5m),
+        sa.func.count().filter(failed & in_5m),
+        sa.func.count().filter(sent),
+        sa.func.count().filter(failed),
+    ).where(status_in(Status.SENT, Status.FAILED), ended_recently)
+
+
+def _attempts(at: sa.ColumnElement[datetime]) -> sa.Select[int, int, int, int, int, int]:
+    """Attempts tried, duplicates and deferrals, in the last 5 minutes then the last hour."""
+    hour_ago, five_min_ago = add_seconds(at, -_HOUR), add_seconds(at, -_FIVE_MINUTES)
+    in_5m = a.c.started_at > five_min_ago
+    tried = a.c.outcome.not_in(SCREENED_OUTCOMES)
+    duplicate, deferred = a.c.outcome == Outcome.DUPLICATE, a.c.outcome == Outcome.DEFERRED
+    return sa.select(
+        sa.func.count().filter(tried & in_5m),
+        sa.func.count().filter(duplicate & in_5m),
+        sa.func.count().filter(deferred & in_5m),
+        sa.func.count().filter(tried),
+        sa.func.count().filter(duplicate),
+        sa.func.count().filter(deferred),
+    ).where(a.c.started_at > hour_ago, a.c.started_at <= at)
