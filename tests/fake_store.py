@@ -36,6 +36,8 @@ _NEXT_STATUS = {
 class FakeStore:
     """The queue in a dict; safe to call from threads (one lock, like SQLite's)."""
 
+    dialect = "fake"
+
     def __init__(self, clock: Callable[[], datetime] | None = None) -> None:
         self.clock = clock or (lambda: datetime.now(UTC))
         """The store's own clock, used when a call passes no `now` (the database's clock)."""
