@@ -17,8 +17,9 @@ from typing import Any
 
 __all__ = ["Event", "Events"]
 
-HISTORY = 1000
-"""Events kept for waits that start late; older ones are dropped."""
+HISTORY = 256
+"""Events kept for waits that start late; older ones are dropped. Their fields
+are counts and job ids, never jobs, so what is kept stays small."""
 
 
 @dataclass(frozen=True, slots=True)

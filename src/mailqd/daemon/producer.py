@@ -164,7 +164,7 @@ class Producer:
         if self._metrics is not None:
             self._metrics.claimed(claim.claimed)
         if self._events is not None:
-            self._events.emit("claimed", count=claim.claimed, jobs=claim.jobs)
+            self._events.emit("claimed", count=claim.claimed, job_ids=[j.id for j in claim.jobs])
         if claim.screened:
             self._set_aside(claim.screened)
         if claim.unreadable:
@@ -209,7 +209,7 @@ class Producer:
                 due_within_seconds=round(max(item.delay for item in throttled), 2),
             )
         if self._events is not None:
-            self._events.emit("set_aside", screened=screened)
+            self._events.emit("set_aside", outcomes={s.job.id: s.outcome for s in screened})
         if self._on_progress is not None:
             self._on_progress()
 
@@ -221,6 +221,6 @@ class Producer:
         for row in rows:
             self._log.warning("unreadable row failed", job_id=row.job_id, error=row.error)
         if self._events is not None:
-            self._events.emit("failed_unreadable", rows=rows)
+            self._events.emit("failed_unreadable", job_ids=[row.job_id for row in rows])
         if self._on_progress is not None:
             self._on_progress()

@@ -28,7 +28,6 @@ import os
 import signal
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
 
 import structlog
 
@@ -46,6 +45,7 @@ from mailqd.daemon.ratelimit import RateLimiter
 from mailqd.daemon.rescuer import Rescuer, RescuerConfig
 from mailqd.daemon.screening_purger import ScreeningPurger, ScreeningPurgerConfig
 from mailqd.daemon.slots import Slots, TransportFactory
+from mailqd.daemon.tasks import cancel_and_wait, run_beside
 from mailqd.daemon.templates import TemplateCache
 from mailqd.daemon.totals import BatchResult, as_fields
 from mailqd.errors import DatabaseUnavailableError, StoreError
@@ -64,8 +64,6 @@ HEARTBEAT_INTERVAL = 0.5
 """Seconds between heartbeats; the supervisor's timeout is many times this."""
 FLUSH_GRACE = 5.0
 """Seconds after the shutdown timeout to keep trying to record outcomes of finished sends."""
-CANCEL_TIMEOUT = 5.0
-"""Seconds to wait for a cancelled task to finish before giving up on it."""
 
 
 class Worker:
@@ -112,17 +110,24 @@ class Worker:
 
     def _assemble(self, transport_factory: TransportFactory) -> None:
         """Build the parts from the settings; each gets only what its role needs."""
-        settings, store, clock, events = self.settings, self.store, self.clock, self.events
-        metrics = self._metrics
-        self._slots = Slots(settings.concurrency, transport_factory)
+        self._slots = Slots(self.settings.concurrency, transport_factory)
         self._completer = Completer(
-            store, on_recorded=self._recorded, outage=self._outage, clock=clock
+            self.store, on_recorded=self._recorded, outage=self._outage, clock=self.clock
         )
+        self._producer = self._make_producer()
+        self._held = self._producer.held
+        self.maintenance = Periodic(self._maintenance_services(), self._outage)
+        self._sending: dict[str, asyncio.Task[Completion]] = {}
+        self._progress = asyncio.Event()
+        self._listener: JobListener | None = None
+
+    def _make_producer(self) -> Producer:
+        settings, metrics = self.settings, self._metrics
         limiter = RateLimiter(
-            store,
+            self.store,
             settings.rate_limit,
             on_wait=metrics.rate_limited if metrics else None,
-            clock=clock,
+            clock=self.clock,
         )
         config = ProducerConfig.for_slots(
             self.owner,
@@ -131,44 +136,48 @@ class Worker:
             settings.poll_interval,
             self._screen_rules,
         )
-        self._producer = Producer(
-            store,
+        return Producer(
+            self.store,
             config,
             self._slots,
             self._start,
             limiter=limiter,
             outage=self._outage,
-            clock=clock,
-            events=events,
+            clock=self.clock,
+            events=self.events,
             totals=self.totals,
             metrics=metrics,
             log=self._log,
-            on_progress=self._progressed,
+            on_progress=self._progress_made,
         )
-        self._held = self._producer.held
+
+    def _maintenance_services(self) -> list[Service]:
+        store, clock, events, lease = (
+            self.store,
+            self.clock,
+            self.events,
+            self.settings.lease_seconds,
+        )
         services: list[Service] = [
             LeaseKeeper(
                 store,
-                LeaseKeeperConfig(self.owner, settings.lease_seconds),
+                LeaseKeeperConfig(self.owner, lease),
                 held=self._held.keys,
                 clock=clock,
                 events=events,
             ),
             Rescuer(
                 store,
-                RescuerConfig.for_lease(settings.lease_seconds, LONGEST_LEASE),
+                RescuerConfig.for_lease(lease, LONGEST_LEASE),
                 clock=clock,
                 events=events,
                 on_rescued=self._rescued,
             ),
         ]
         if self._screen_rules is not None:
-            purge = ScreeningPurgerConfig(settings.dedup_window)
+            purge = ScreeningPurgerConfig(self.settings.dedup_window)
             services.append(ScreeningPurger(store, purge, clock=clock, events=events))
-        self.maintenance = Periodic(services, self._outage)
-        self._sending: dict[str, asyncio.Task[Completion]] = {}
-        self._progress = asyncio.Event()
-        self._listener: JobListener | None = None
+        return services
 
     async def __aenter__(self) -> Worker:
         return self
@@ -199,44 +208,15 @@ class Worker:
             services.append(asyncio.create_task(self._listener.run(), name="listener"))
         crashed: BaseException | None = None
         try:
-            crashed = await self._produce_while_services_run(stop, services)
+            crashed = await run_beside(self._producer.run, stop, services, self._log)
         finally:
-            await _cancel(services)
+            await cancel_and_wait(services)
             await self._stop_gracefully()
-            await _cancel([beat])
+            await cancel_and_wait([beat])
             self._log.info("worker stopped", **as_fields(self.totals))
-            self.events.emit("stopped", totals=self.totals)
+            self.events.emit("stopped", **as_fields(self.totals))
         if crashed is not None:
             raise crashed
-
-    async def _produce_while_services_run(
-        self, stop: asyncio.Event, services: list[asyncio.Task[None]]
-    ) -> BaseException | None:
-        """Run the producer until `stop`; if a service dies, stop too and return its error.
-
-        Services loop forever and handle database errors themselves, so one
-        that ends has hit a bug; the worker must not run on without, say,
-        its completer (outcomes would never be recorded).
-        """
-        stop_producing = asyncio.Event()
-        producer = asyncio.create_task(self._producer.run(stop_producing), name="producer")
-        stopped = asyncio.create_task(stop.wait(), name="stop")
-        try:
-            done, _ = await asyncio.wait(
-                [producer, stopped, *services], return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            stop_producing.set()
-            stopped.cancel()
-            await asyncio.wait([producer])
-        if producer.done() and not producer.cancelled() and producer.exception() is not None:
-            return producer.exception()
-        for service in services:
-            if service in done and not service.cancelled():
-                error = service.exception() or RuntimeError(f"{service.get_name()} ended")
-                self._log.error("worker service died; stopping", service=service.get_name())
-                return error
-        return None
 
     async def run_once(self, limit: int | None = None) -> BatchResult:
         """Claim one batch (at most `limit`), deliver it, record the outcomes; return the counts.
@@ -257,7 +237,7 @@ class Worker:
 
     async def close(self) -> None:
         """Give back what is held but unrecorded, record what is finished, close transports."""
-        await _cancel(list(self._sending.values()))
+        await cancel_and_wait(list(self._sending.values()))
         if self._completer.pending:
             with contextlib.suppress(StoreError):
                 await self._completer.flush()
@@ -329,10 +309,10 @@ class Worker:
         self.totals.count(batch)
         if self._metrics is not None:
             self._metrics.recorded(batch)
-        self.events.emit("recorded", completions=batch)
+        self.events.emit("recorded", outcomes={c.job_id: c.outcome for c in batch})
         self._progress.set()
 
-    def _progressed(self) -> None:
+    def _progress_made(self) -> None:
         self._progress.set()
 
     def _rescued(self, job_ids: list[str]) -> None:
@@ -370,7 +350,7 @@ class Worker:
             _, late = await asyncio.wait(in_flight, timeout=self.settings.shutdown_timeout)
             if late:
                 self._log.warning("cancelling sends still running at the timeout", count=len(late))
-                await _cancel(list(late))
+                await cancel_and_wait(list(late))
         if not await self._completer.flush_until(deadline + FLUSH_GRACE):
             self._log.error(
                 "could not record outcomes before exiting; those jobs will be sent again",
@@ -409,26 +389,6 @@ class Worker:
         return self.store.engine.url.render_as_string(hide_password=False)
 
 
-async def _cancel(tasks: Sequence[asyncio.Future[Any]]) -> None:
-    """Cancel and wait, so nothing is left running when this returns.
-
-    A task that ignores its cancellation (a library that swallows it) is
-    given up on after a few seconds rather than hanging the shutdown.
-    """
-    if not tasks:
-        return
-    for task in tasks:
-        task.cancel()
-    done, stuck = await asyncio.wait(tasks, timeout=CANCEL_TIMEOUT)
-    for task in done:
-        if not task.cancelled() and task.exception() is not None:
-            structlog.get_logger().error("task failed", task=_name(task), exc_info=task.exception())
-    if stuck:
-        structlog.get_logger().error(
-            "tasks did not stop when cancelled", tasks=[_name(t) for t in stuck]
-        )
-
-
 def screen_rules(settings: Settings, secrets: SecretBox | None = None) -> ScreenRules | None:
     """The claim-time screening the settings ask for; None when every rule is off.
 
@@ -446,10 +406,6 @@ def screen_rules(settings: Settings, secrets: SecretBox | None = None) -> Screen
         return rules
     # Sealed variables differ at every enqueue: the hash is over what they say.
     return dataclasses.replace(rules, open_variables=partial(unseal_variables, box=secrets))
-
-
-def _name(task: asyncio.Future[Any]) -> str:
-    return task.get_name() if isinstance(task, asyncio.Task) else repr(task)
 
 
 # -- the forked process ---------------------------------------------------------
