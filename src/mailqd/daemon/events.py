@@ -36,9 +36,10 @@ Predicate = Callable[[Event], bool]
 class Events:
     """An in-process event hub: parts `emit`, tests `wait_for`.
 
-    Kinds the worker emits: claimed, recorded, set_aside, released, rescued,
-    lease_extended, screening_purged, database_unavailable,
-    database_reachable, waiting_for_sends, stopped.
+    Kinds the worker emits: listener_started, claimed, set_aside,
+    failed_unreadable, recorded, released, rescued, lease_extended,
+    screening_purged, database_unavailable, database_reachable,
+    waiting_for_sends, stopped.
     """
 
     def __init__(self, history: int = HISTORY) -> None:

@@ -206,6 +206,7 @@ class Worker:
         if self._listen:
             self._listener = JobListener(self._database_url(), self._producer.wake.set)
             services.append(asyncio.create_task(self._listener.run(), name="listener"))
+            self.events.emit("listener_started")
         crashed: BaseException | None = None
         try:
             crashed = await run_beside(self._producer.run, stop, services, self._log)
@@ -267,8 +268,9 @@ class Worker:
     async def wait_listening(self, timeout: float) -> None:
         """Wait until the LISTEN connection is up (PostgreSQL), so a NOTIFY cannot be missed."""
         async with asyncio.timeout(timeout):
-            while self._listener is None:
-                await asyncio.sleep(0.01)
+            if self._listener is None:
+                await self.events.wait_for("listener_started", timeout=timeout)
+            assert self._listener is not None
             await self._listener.wait_connected()
 
     def _start(self, jobs: Sequence[Job]) -> list[asyncio.Task[Completion]]:
