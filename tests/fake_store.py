@@ -45,6 +45,8 @@ class FakeStore:
         self.attempt_rows: list[Attempt] = []
         self.calls: list[str] = []
         """The protocol methods called, in order, for tests of what a part asks."""
+        self.nows: list[tuple[str, datetime | None]] = []
+        """Each call's `now=` argument, to check that an injected clock reaches it."""
         self._lock = threading.Lock()
 
     # -- what tests set up and read -------------------------------------------------
@@ -75,7 +77,7 @@ class FakeStore:
     ) -> ScreenedClaim:
         at = now or self.clock()
         with self._lock:
-            self.calls.append("claim")
+            self._called("claim", now)
             due = sorted(
                 (
                     j
@@ -112,7 +114,7 @@ class FakeStore:
         at = now or self.clock()
         changed = 0
         with self._lock:
-            self.calls.append("complete")
+            self._called("complete", now)
             for c in completions:
                 self.attempt_rows.append(
                     Attempt(
@@ -147,7 +149,7 @@ class FakeStore:
     def release(self, job_ids: Sequence[str], owner: str, now: datetime | None = None) -> int:
         at = now or self.clock()
         with self._lock:
-            self.calls.append("release")
+            self._called("release", now)
             mine = [job_id for job_id in job_ids if self._held_by(job_id, owner)]
             for job_id in mine:
                 self._change(
@@ -165,7 +167,7 @@ class FakeStore:
     ) -> int:
         at = now or self.clock()
         with self._lock:
-            self.calls.append("extend_leases")
+            self._called("extend_leases", now)
             mine = [job_id for job_id in job_ids if self._held_by(job_id, owner)]
             for job_id in mine:
                 self._change(job_id, lease_expires_at=at + timedelta(seconds=lease_seconds))
@@ -182,7 +184,7 @@ class FakeStore:
         at = now or self.clock()
         too_long = at + timedelta(seconds=longest_lease)
         with self._lock:
-            self.calls.append("rescue")
+            self._called("rescue", now)
             victims = []
             for job in self.jobs.values():
                 if job.status is not Status.SENDING:
@@ -209,10 +211,14 @@ class FakeStore:
         return [job.id for job in victims[:limit]]
 
     def purge_screening(self, dedup_window: float, now: datetime | None = None) -> int:
-        self.calls.append("purge_screening")
+        self._called("purge_screening", now)
         return 0
 
     # -- inside ---------------------------------------------------------------------
+
+    def _called(self, name: str, now: datetime | None) -> None:
+        self.calls.append(name)
+        self.nows.append((name, now))
 
     def _held_by(self, job_id: str, owner: str) -> bool:
         job = self.jobs.get(job_id)

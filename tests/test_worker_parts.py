@@ -356,3 +356,31 @@ def test_worker_on_the_fake_store_claims_sends_and_records_everything() -> None:
     run(scenario)
     assert all(fake.get(job_id).status is Status.SENT for job_id in ids)
     assert sum(len(t.sent) for t in transports) == 9 and len(transports) <= 4
+    assert {now for _, now in fake.nows} == {T0}  # the injected clock, in every call
+    assert {"claim", "complete"} <= {name for name, _ in fake.nows}
+
+
+def test_running_worker_rescues_an_expired_lease_on_its_clock_and_sends_the_job() -> None:
+    fake, _ = fake_with_jobs(1, at=T0 - timedelta(minutes=5))
+    [job_id] = [j.id for j in fake.claim_batch("gone", 1, 1.0, now=T0 - timedelta(minutes=5)).jobs]
+    settings = Settings().replace(
+        database_url="sqlite://",
+        from_address="sender@example.com",
+        lease_seconds=1.0,
+        poll_interval=60.0,
+    )
+    store: Any = fake
+
+    async def scenario() -> None:
+        worker = Worker(settings, store, "w1", NullTransport, listen=False, clock=FixedClock(T0))
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        rescued = await worker.events.wait_for("rescued", timeout=TIMEOUT)
+        assert rescued.data["job_ids"] == [job_id]
+        await worker.wait_until(lambda totals: totals.sent == 1, TIMEOUT)  # woken, not polled
+        stop.set()
+        await task
+
+    run(scenario)
+    assert fake.get(job_id).status is Status.SENT
+    assert ("rescue", T0) in fake.nows
