@@ -24,7 +24,6 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
-import structlog
 from psycopg import sql
 
 from mailqd.compose import OutgoingMessage
@@ -440,17 +439,14 @@ def test_graceful_stop_lets_a_send_in_flight_finish(
     async def scenario() -> None:
         factory = gated(smtp_factory(settings), gate)
         stop = asyncio.Event()
-        with structlog.testing.capture_logs() as events:
-            worker = Worker(settings, store, "w1", factory)
-            task = asyncio.create_task(worker.run(stop))
-            await factory.waiting.wait()
-            stop.set()
-            # The send is released only once the worker is stopping with it in flight.
-            await eventually(
-                lambda: any(e["event"] == "waiting for sends in flight" for e in events)
-            )
-            gate.set()
-            await asyncio.wait_for(task, DEADLINE)
+        worker = Worker(settings, store, "w1", factory)
+        task = asyncio.create_task(worker.run(stop))
+        await factory.waiting.wait()
+        stop.set()
+        # The send is released only once the worker is stopping with it in flight.
+        await worker.events.wait_for("waiting_for_sends", timeout=DEADLINE)
+        gate.set()
+        await asyncio.wait_for(task, DEADLINE)
         assert worker.totals.sent == 1
 
     run(scenario)

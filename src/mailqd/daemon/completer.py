@@ -16,9 +16,10 @@ import contextlib
 from collections.abc import Callable, Sequence
 
 from mailqd.daemon.outage import DatabaseOutage
+from mailqd.daemon.ports import Clock, DatabaseClock, JobLeases
 from mailqd.daemon.waiting import wait_any
 from mailqd.errors import StoreError
-from mailqd.store import Completion, Store
+from mailqd.store import Completion
 
 __all__ = ["Completer"]
 
@@ -30,14 +31,18 @@ class Completer:
 
     def __init__(
         self,
-        store: Store,
+        store: JobLeases,
         *,
         on_recorded: OnRecorded,
         outage: DatabaseOutage | None = None,
         max_batch: int = 200,
         max_delay: float = 0.005,
+        clock: Clock | None = None,
     ) -> None:
+        if max_batch < 1 or max_delay < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_delay >= 0: {max_batch}, {max_delay}")
         self._store = store
+        self._clock = clock or DatabaseClock()
         self._on_recorded = on_recorded
         self._outage = outage or DatabaseOutage()
         self._max_batch = max_batch
@@ -92,7 +97,8 @@ class Completer:
         books are settled before the cancellation is passed on; otherwise
         the batch would stay pending and be recorded twice.
         """
-        write = asyncio.ensure_future(asyncio.to_thread(self._store.complete, batch))
+        now = self._clock.now()
+        write = asyncio.ensure_future(asyncio.to_thread(self._store.complete, batch, now))
         try:
             await asyncio.shield(write)
         except asyncio.CancelledError:

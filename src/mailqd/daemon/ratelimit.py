@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from mailqd.daemon.ports import Clock, DatabaseClock
 from mailqd.daemon.waiting import wait_any
 from mailqd.store import Store
 from mailqd.store.ratelimit import GLOBAL_BUCKET, RateLimits
@@ -29,6 +30,7 @@ class RateLimiter:
         *,
         bucket: str = GLOBAL_BUCKET,
         on_wait: Callable[[float], None] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         """`on_wait(seconds)` is told of every wait for an empty bucket (for the metrics)."""
         self.rate = rate
@@ -38,6 +40,7 @@ class RateLimiter:
         self.burst = max(1.0, rate)
         self._limits = RateLimits(store)
         self._on_wait = on_wait
+        self._clock = clock or DatabaseClock()
 
     @property
     def enabled(self) -> bool:
@@ -51,8 +54,14 @@ class RateLimiter:
         if not self.enabled or want <= 0:
             return want
         while not stop.is_set():
+            now = self._clock.now()
             grant = await asyncio.to_thread(
-                self._limits.take, self.bucket, want, self.rate, self.burst
+                self._limits.take,
+                self.bucket,
+                want,
+                self.rate,
+                self.burst,
+                None if now is None else now.timestamp(),
             )
             if grant.granted:
                 return grant.granted

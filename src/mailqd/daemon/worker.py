@@ -1,13 +1,19 @@
 """The delivery worker: claims jobs, sends them over its own SMTP connections, records outcomes.
 
 One worker is one OS process forked by the supervisor (`run_worker`), or an
-object in a test or in `mailqctl drain` (`Worker`). Its parts each have one
-role, after River's: the producer claims no more jobs than there are free
-delivery slots; each slot owns one transport, so SMTP connections are
-reused; the completer records outcomes in batches; the lease keeper extends
-the leases of jobs in flight; the rescuer returns jobs whose worker
-vanished. The store does the SQL, the transport the SMTP, `Deliverer` the
-outcome rules; this module only schedules them.
+object in a test or in `mailqctl drain` (`Worker`). `Worker` is a thin
+assembly of parts that each have one role, after River's: the producer
+(`daemon.producer`) claims no more jobs than there are free delivery slots
+(`daemon.slots`, one transport each, so SMTP connections are reused); the
+completer (`daemon.completer`) records outcomes in batches; the
+maintenance services (`daemon.rescuer`, `daemon.lease_keeper`,
+`daemon.screening_purger`) run in one periodic loop (`daemon.periodic`).
+The store does the SQL, the transport the SMTP, `Deliverer` the outcome
+rules; this module wires them together and owns starting and stopping.
+
+The parts announce what they do on `Worker.events`, and take "now" from
+`Worker(clock=...)`: tests wait on events, and move time, instead of
+reading logs or sleeping.
 
 The event loop must never block: store calls (sync SQLAlchemy) run in
 threads, and a heartbeat task proves to the supervisor that the loop turns.
@@ -19,158 +25,45 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import random
 import signal
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
 
 import structlog
 
 from mailqd.config import Settings
 from mailqd.daemon.completer import Completer
 from mailqd.daemon.delivery import Deliverer
+from mailqd.daemon.events import Events
 from mailqd.daemon.heartbeat import Heartbeat, WorkerIdentity
+from mailqd.daemon.lease_keeper import LeaseKeeper, LeaseKeeperConfig
 from mailqd.daemon.outage import DatabaseOutage
+from mailqd.daemon.periodic import Periodic, Service
+from mailqd.daemon.ports import Clock, DatabaseClock
+from mailqd.daemon.producer import Producer, ProducerConfig
 from mailqd.daemon.ratelimit import RateLimiter
+from mailqd.daemon.rescuer import Rescuer, RescuerConfig
+from mailqd.daemon.screening_purger import ScreeningPurger, ScreeningPurgerConfig
+from mailqd.daemon.slots import Slots, TransportFactory
+from mailqd.daemon.tasks import cancel_and_wait, run_beside
 from mailqd.daemon.templates import TemplateCache
-from mailqd.daemon.waiting import wait_any, with_timeout
+from mailqd.daemon.totals import BatchResult, as_fields
 from mailqd.errors import DatabaseUnavailableError, StoreError
-from mailqd.logging import mask_addresses_in
 from mailqd.metrics import WorkerMetrics
-from mailqd.models import Job, Outcome
+from mailqd.models import Job
 from mailqd.secrets import SecretBox, load_secret_box, unseal_variables
 from mailqd.store import Completion, Store
 from mailqd.store.notify import JobListener, supports_listen
-from mailqd.store.rows import UnreadableRow
-from mailqd.store.screening import Screened, ScreenedClaim, ScreenRules
+from mailqd.store.screening import ScreenRules
 from mailqd.store.store import LONGEST_LEASE
 from mailqd.transport import Transport
 
 __all__ = ["BatchResult", "TransportFactory", "Worker", "checked_transport_factory", "run_worker"]
 
-TransportFactory = Callable[[], Transport]
-
 HEARTBEAT_INTERVAL = 0.5
 """Seconds between heartbeats; the supervisor's timeout is many times this."""
 FLUSH_GRACE = 5.0
 """Seconds after the shutdown timeout to keep trying to record outcomes of finished sends."""
-TRANSPORT_CLOSE_TIMEOUT = 5.0
-CANCEL_TIMEOUT = 5.0
-"""Seconds to wait for a cancelled task to finish before giving up on it."""
-CLAIM_LINGER = 0.01
-"""While busy, how long a freed slot may wait for others before the next claim is made."""
-SCREENING_PURGE_INTERVAL = 60.0
-"""Seconds between purges of expired de-duplication rows and past hours' recipient counts."""
-
-
-@dataclass(slots=True)
-class BatchResult:
-    """How many jobs were claimed, and how their attempts ended."""
-
-    claimed: int = 0
-    sent: int = 0
-    retried: int = 0
-    ambiguous: int = 0
-    failed: int = 0
-    expired: int = 0
-    deduplicated: int = 0
-    """Not sent: the same content was claimed within `dedup_window` (cancelled)."""
-    deferred: int = 0
-    """Not sent yet: a recipient reached `recipient_hourly_cap` (pending, next hour)."""
-    throttled: int = 0
-    """Not sent yet: a recipient domain was at its `domain_rate_limits` (pending, soon)."""
-
-    @property
-    def recorded(self) -> int:
-        """Outcomes committed (duplicates, deferrals and throttled jobs at their claim)."""
-        return (
-            self.sent
-            + self.retried
-            + self.ambiguous
-            + self.failed
-            + self.expired
-            + self.deduplicated
-            + self.deferred
-            + self.throttled
-        )
-
-    def count(self, completions: Iterable[Completion | Screened]) -> None:
-        for completion in completions:
-            field = _RESULT_FIELD[completion.outcome]
-            setattr(self, field, getattr(self, field) + 1)
-
-
-_RESULT_FIELD = {
-    Outcome.SENT: "sent",
-    Outcome.RETRY: "retried",
-    Outcome.AMBIGUOUS: "ambiguous",
-    Outcome.FAILED: "failed",
-    Outcome.EXPIRED: "expired",
-    Outcome.LOST: "failed",
-    Outcome.DUPLICATE: "deduplicated",
-    Outcome.DEFERRED: "deferred",
-    Outcome.THROTTLED: "throttled",
-}
-_SET_ASIDE_EVENT = {  # logged per job; throttled jobs are logged once per claim
-    Outcome.DUPLICATE: "duplicate not sent",
-    Outcome.DEFERRED: "deferred by recipient cap",
-}
-
-
-class _Slots:
-    """The worker's delivery slots: how many sends may run at once, each with its own transport.
-
-    Transports are made on first use and kept between messages. One whose
-    send was cancelled may be mid-dialogue, so it is retired (closed at the
-    end) and the slot gets a fresh one next time.
-    """
-
-    def __init__(self, size: int, factory: TransportFactory) -> None:
-        self._size = size
-        self._factory = factory
-        self._idle: list[Transport] = []
-        self._busy = 0
-        self._retired: list[Transport] = []
-        self.freed = asyncio.Event()
-
-    @property
-    def free(self) -> int:
-        return self._size - self._busy
-
-    def take(self) -> Transport:
-        if self._busy >= self._size:
-            raise RuntimeError("no free delivery slot")
-        self._busy += 1
-        return self._idle.pop() if self._idle else self._factory()
-
-    async def wait_free(self, count: int, linger: float, stop: asyncio.Event) -> None:
-        """Wait until `count` slots are free, or `linger` seconds after the first one is."""
-        while self.free == 0 and not stop.is_set():
-            self.freed.clear()
-            await wait_any(stop, self.freed)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + linger
-        while self.free < count and not stop.is_set():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            self.freed.clear()
-            await wait_any(stop, self.freed, timeout=remaining)
-
-    def put_back(self, transport: Transport, *, reusable: bool) -> None:
-        self._busy -= 1
-        (self._idle if reusable else self._retired).append(transport)
-        self.freed.set()
-
-    async def close_all(self) -> None:
-        transports, self._idle, self._retired = [*self._idle, *self._retired], [], []
-        await asyncio.gather(
-            *(with_timeout(t.close(), TRANSPORT_CLOSE_TIMEOUT) for t in transports),
-            return_exceptions=True,
-        )
 
 
 class Worker:
@@ -178,7 +71,9 @@ class Worker:
 
     `owner` is the lease owner name the worker claims under; it must be
     unique among live workers. Use `run` or `run_once` on one instance, not
-    both at once, and `close` (or `async with`) after `run_once`.
+    both at once, and `close` (or `async with`) after `run_once`. `clock`
+    is where every time-based store call takes its `now=` (default: the
+    database's clock).
     """
 
     def __init__(
@@ -191,33 +86,98 @@ class Worker:
         heartbeat: Heartbeat | None = None,
         listen: bool | None = None,
         metrics: WorkerMetrics | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.owner = owner
         self.totals = BatchResult()
         """Everything this worker has claimed and recorded since it was made."""
+        self.events = Events()
+        """What the parts do (claimed, recorded, rescued, ...), for tests to wait on."""
+        self.clock: Clock = clock or DatabaseClock()
         self._heartbeat = heartbeat
         self._listen = supports_listen(self._database_url()) if listen is None else listen
         self._log = structlog.get_logger().bind(worker=owner)
-        self._outage = DatabaseOutage()
+        self._outage = DatabaseOutage(events=self.events)
         secrets = load_secret_box(settings.secrets_key_file)
         self._deliverer = Deliverer(
             settings, owner, templates=TemplateCache(store), secrets=secrets
         )
         self._metrics = metrics
-        self._limiter = RateLimiter(
-            store, settings.rate_limit, on_wait=metrics.rate_limited if metrics else None
+        self._screen_rules = screen_rules(settings, secrets)
+        self._assemble(transport_factory)
+
+    def _assemble(self, transport_factory: TransportFactory) -> None:
+        """Build the parts from the settings; each gets only what its role needs."""
+        self._slots = Slots(self.settings.concurrency, transport_factory)
+        self._completer = Completer(
+            self.store, on_recorded=self._recorded, outage=self._outage, clock=self.clock
         )
-        self._slots = _Slots(settings.concurrency, transport_factory)
-        self._claim_batch = max(1, settings.concurrency // 2)
-        self._completer = Completer(store, on_recorded=self._recorded, outage=self._outage)
-        self._held: dict[str, Job] = {}
+        self._producer = self._make_producer()
+        self._held = self._producer.held
+        self.maintenance = Periodic(self._maintenance_services(), self._outage)
         self._sending: dict[str, asyncio.Task[Completion]] = {}
-        self._wake = asyncio.Event()
         self._progress = asyncio.Event()
         self._listener: JobListener | None = None
-        self._screen_rules = screen_rules(settings, secrets)
+
+    def _make_producer(self) -> Producer:
+        settings, metrics = self.settings, self._metrics
+        limiter = RateLimiter(
+            self.store,
+            settings.rate_limit,
+            on_wait=metrics.rate_limited if metrics else None,
+            clock=self.clock,
+        )
+        config = ProducerConfig.for_slots(
+            self.owner,
+            settings.concurrency,
+            settings.lease_seconds,
+            settings.poll_interval,
+            self._screen_rules,
+        )
+        return Producer(
+            self.store,
+            config,
+            self._slots,
+            self._start,
+            limiter=limiter,
+            outage=self._outage,
+            clock=self.clock,
+            events=self.events,
+            totals=self.totals,
+            metrics=metrics,
+            log=self._log,
+            on_progress=self._progress_made,
+        )
+
+    def _maintenance_services(self) -> list[Service]:
+        store, clock, events, lease = (
+            self.store,
+            self.clock,
+            self.events,
+            self.settings.lease_seconds,
+        )
+        services: list[Service] = [
+            LeaseKeeper(
+                store,
+                LeaseKeeperConfig(self.owner, lease),
+                held=self._held.keys,
+                clock=clock,
+                events=events,
+            ),
+            Rescuer(
+                store,
+                RescuerConfig.for_lease(lease, LONGEST_LEASE),
+                clock=clock,
+                events=events,
+                on_rescued=self._rescued,
+            ),
+        ]
+        if self._screen_rules is not None:
+            purge = ScreeningPurgerConfig(self.settings.dedup_window)
+            services.append(ScreeningPurger(store, purge, clock=clock, events=events))
+        return services
 
     async def __aenter__(self) -> Worker:
         return self
@@ -241,53 +201,23 @@ class Worker:
         beat = asyncio.create_task(self._beat_forever(), name="heartbeat")
         services = [
             asyncio.create_task(self._completer.run(), name="completer"),
-            asyncio.create_task(self._keep_leases(), name="leases"),
-            asyncio.create_task(self._rescue_forever(), name="rescuer"),
+            asyncio.create_task(self.maintenance.run(), name="maintenance"),
         ]
         if self._listen:
-            self._listener = JobListener(self._database_url(), self._wake.set)
+            self._listener = JobListener(self._database_url(), self._producer.wake.set)
             services.append(asyncio.create_task(self._listener.run(), name="listener"))
-        if self._screen_rules is not None:
-            services.append(asyncio.create_task(self._purge_forever(), name="screening purge"))
+            self.events.emit("listener_started")
         crashed: BaseException | None = None
         try:
-            crashed = await self._produce_while_services_run(stop, services)
+            crashed = await run_beside(self._producer.run, stop, services, self._log)
         finally:
-            await _cancel(services)
+            await cancel_and_wait(services)
             await self._stop_gracefully()
-            await _cancel([beat])
-            self._log.info("worker stopped", **_as_fields(self.totals))
+            await cancel_and_wait([beat])
+            self._log.info("worker stopped", **as_fields(self.totals))
+            self.events.emit("stopped", **as_fields(self.totals))
         if crashed is not None:
             raise crashed
-
-    async def _produce_while_services_run(
-        self, stop: asyncio.Event, services: list[asyncio.Task[None]]
-    ) -> BaseException | None:
-        """Run the producer until `stop`; if a service dies, stop too and return its error.
-
-        Services loop forever and handle database errors themselves, so one
-        that ends has hit a bug; the worker must not run on without, say,
-        its completer (outcomes would never be recorded).
-        """
-        stop_producing = asyncio.Event()
-        producer = asyncio.create_task(self._produce(stop_producing), name="producer")
-        stopped = asyncio.create_task(stop.wait(), name="stop")
-        try:
-            done, _ = await asyncio.wait(
-                [producer, stopped, *services], return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            stop_producing.set()
-            stopped.cancel()
-            await asyncio.wait([producer])
-        if producer.done() and not producer.cancelled() and producer.exception() is not None:
-            return producer.exception()
-        for service in services:
-            if service in done and not service.cancelled():
-                error = service.exception() or RuntimeError(f"{service.get_name()} ended")
-                self._log.error("worker service died; stopping", service=service.get_name())
-                return error
-        return None
 
     async def run_once(self, limit: int | None = None) -> BatchResult:
         """Claim one batch (at most `limit`), deliver it, record the outcomes; return the counts.
@@ -297,7 +227,7 @@ class Worker:
         `close`.
         """
         want = self._slots.free if limit is None else min(limit, self._slots.free)
-        claim, _ = await self._claim(want, asyncio.Event())
+        claim, _ = await self._producer.claim(want, asyncio.Event())
         completions = await asyncio.gather(*self._start(claim.jobs))
         await self._completer.flush()
         result = BatchResult(claimed=claim.claimed)
@@ -308,7 +238,7 @@ class Worker:
 
     async def close(self) -> None:
         """Give back what is held but unrecorded, record what is finished, close transports."""
-        await _cancel(list(self._sending.values()))
+        await cancel_and_wait(list(self._sending.values()))
         if self._completer.pending:
             with contextlib.suppress(StoreError):
                 await self._completer.flush()
@@ -338,107 +268,10 @@ class Worker:
     async def wait_listening(self, timeout: float) -> None:
         """Wait until the LISTEN connection is up (PostgreSQL), so a NOTIFY cannot be missed."""
         async with asyncio.timeout(timeout):
-            while self._listener is None:
-                await asyncio.sleep(0.01)
+            if self._listener is None:
+                await self.events.wait_for("listener_started", timeout=timeout)
+            assert self._listener is not None
             await self._listener.wait_connected()
-
-    # -- producer ---------------------------------------------------------------
-
-    async def _produce(self, stop: asyncio.Event) -> None:
-        """Claim whenever there are free slots and maybe work; poll, or wake on NOTIFY.
-
-        While a backlog lasts (the last claim was full), the next claim waits
-        for half the slots to free up, or `CLAIM_LINGER` after the first one
-        did: one claim per freed slot would make the database round trip, not
-        SMTP, the limit (measured: claims of ~5 jobs cost ~1 ms of worker CPU
-        per message more than claims of ~25). An idle worker claims at once.
-        """
-        backlog = False
-        while not stop.is_set():
-            if backlog:
-                await self._slots.wait_free(self._claim_batch, CLAIM_LINGER, stop)
-            free = self._slots.free
-            if free == 0:
-                self._slots.freed.clear()
-                await wait_any(stop, self._slots.freed)
-                continue
-            self._wake.clear()  # a NOTIFY during the claim below wakes the next wait
-            try:
-                claim, asked = await self._claim(free, stop)
-            except StoreError as exc:
-                backlog = False
-                await wait_any(stop, timeout=self._outage.failed(exc, "claiming jobs"))
-                continue
-            self._start(claim.jobs)
-            backlog = claim.claimed > 0 and claim.claimed == asked
-            if backlog:
-                continue  # a full batch: there is probably more waiting
-            await wait_any(stop, self._wake, timeout=self.settings.poll_interval)
-
-    async def _claim(self, want: int, stop: asyncio.Event) -> tuple[ScreenedClaim, int]:
-        """Take rate-limit tokens, claim up to that many jobs and hold those to send.
-
-        Returns the claim and how many were asked for (the tokens granted).
-        With `dedup_window`, `recipient_hourly_cap` or `domain_rate_limits`
-        set, the store sets aside duplicates, capped and throttled jobs in
-        the claim's transaction; their tokens are given back, as nothing is
-        sent for them.
-        """
-        granted = await self._limiter.acquire(want, stop)
-        if granted <= 0:
-            return ScreenedClaim([]), 0
-        lease = self.settings.lease_seconds
-        if self._screen_rules is None:
-            claim = await asyncio.to_thread(self.store.claim_batch, self.owner, granted, lease)
-        else:
-            claim = await asyncio.to_thread(
-                self.store.claim_screened, self.owner, granted, lease, self._screen_rules
-            )
-        jobs = claim.jobs
-        self._outage.succeeded()
-        for job in jobs:
-            self._held[job.id] = job
-        self.totals.claimed += claim.claimed
-        if self._metrics is not None:
-            self._metrics.claimed(claim.claimed)
-        if claim.screened:
-            self._set_aside(claim.screened)
-        if claim.unreadable:
-            self._failed_unreadable(claim.unreadable)
-        if len(jobs) < granted:
-            try:
-                await self._limiter.give_back(granted - len(jobs))
-            except StoreError as exc:  # the tokens are lost; the limit still holds
-                self._log.debug("could not give back rate-limit tokens", error=str(exc))
-        return claim, granted
-
-    def _set_aside(self, screened: Sequence[Screened]) -> None:
-        """Count and log the jobs the claim did not hand over (already recorded)."""
-        self.totals.count(screened)
-        if self._metrics is not None:
-            self._metrics.screened(screened)
-        throttled = [item for item in screened if item.outcome is Outcome.THROTTLED]
-        for item in screened:
-            if item.outcome is not Outcome.THROTTLED:
-                event = _SET_ASIDE_EVENT[item.outcome]
-                self._log.info(event, job_id=item.job.id, reason=mask_addresses_in(item.reason))
-        if throttled:
-            self._log.info(
-                "throttled by domain rate limits",
-                count=len(throttled),
-                domains=dict(Counter(item.domain for item in throttled)),
-                due_within_seconds=round(max(item.delay for item in throttled), 2),
-            )
-        self._progress.set()
-
-    def _failed_unreadable(self, rows: Sequence[UnreadableRow]) -> None:
-        """Count and log the rows the claim failed because they could not be read."""
-        self.totals.failed += len(rows)
-        if self._metrics is not None:
-            self._metrics.failed.inc(len(rows))
-        for row in rows:
-            self._log.warning("unreadable row failed", job_id=row.job_id, error=row.error)
-        self._progress.set()
 
     def _start(self, jobs: Sequence[Job]) -> list[asyncio.Task[Completion]]:
         tasks = []
@@ -474,11 +307,21 @@ class Worker:
         for completion in batch:
             self._held.pop(completion.job_id, None)
             if 0 < completion.retry_in_seconds < self.settings.poll_interval:
-                loop.call_later(completion.retry_in_seconds, self._wake.set)
+                loop.call_later(completion.retry_in_seconds, self._producer.wake.set)
         self.totals.count(batch)
         if self._metrics is not None:
             self._metrics.recorded(batch)
+        self.events.emit("recorded", outcomes={c.job_id: c.outcome for c in batch})
         self._progress.set()
+
+    def _progress_made(self) -> None:
+        self._progress.set()
+
+    def _rescued(self, job_ids: list[str]) -> None:
+        """Called by the rescuer: the returned jobs are due now, so claim at once."""
+        if self._metrics is not None:
+            self._metrics.jobs_rescued(len(job_ids))
+        self._producer.wake.set()
 
     # -- maintenance ------------------------------------------------------------
 
@@ -489,56 +332,6 @@ class Worker:
         while True:
             self._heartbeat.beat()
             await asyncio.sleep(HEARTBEAT_INTERVAL)
-
-    async def _keep_leases(self) -> None:
-        """Extend the leases of held jobs, so a slow send is not taken for a dead worker."""
-        interval = self.settings.lease_seconds / 3
-        while True:
-            await asyncio.sleep(interval)
-            held = list(self._held)
-            if not held:
-                continue
-            try:
-                await asyncio.to_thread(
-                    self.store.extend_leases, held, self.owner, self.settings.lease_seconds
-                )
-                self._outage.succeeded()
-            except StoreError as exc:
-                self._outage.failed(exc, "extending leases")
-
-    async def _purge_forever(self) -> None:
-        """Keep the screening tables small; expired rows are ignored by the claim anyway."""
-        await asyncio.sleep(random.uniform(0, SCREENING_PURGE_INTERVAL))
-        while True:
-            try:
-                await asyncio.to_thread(self.store.purge_screening, self.settings.dedup_window)
-                self._outage.succeeded()
-            except StoreError as exc:
-                self._outage.failed(exc, "purging old de-duplication and recipient counts")
-            await asyncio.sleep(SCREENING_PURGE_INTERVAL * random.uniform(0.75, 1.25))
-
-    async def _rescue_forever(self) -> None:
-        """Return jobs whose lease expired (their daemon died or hung) to the queue.
-
-        Every worker does it, at jittered intervals: it is one cheap indexed
-        statement, and so no single process is needed for it to happen.
-        """
-        period = self.settings.lease_seconds / 4
-        longest = max(LONGEST_LEASE, 2 * self.settings.lease_seconds)  # others' may be longer
-        await asyncio.sleep(random.uniform(0, period))
-        while True:
-            try:
-                rescued = await asyncio.to_thread(self.store.rescue, longest_lease=longest)
-                self._outage.succeeded()
-            except StoreError as exc:
-                self._outage.failed(exc, "rescuing expired leases")
-                rescued = []
-            if rescued:
-                if self._metrics is not None:
-                    self._metrics.jobs_rescued(len(rescued))
-                self._log.warning("rescued jobs whose lease expired", count=len(rescued))
-                self._wake.set()
-            await asyncio.sleep(period * random.uniform(0.75, 1.25))
 
     # -- stopping ---------------------------------------------------------------
 
@@ -555,10 +348,11 @@ class Worker:
         in_flight = list(self._sending.values())
         if in_flight:
             self._log.info("waiting for sends in flight", count=len(in_flight))
+            self.events.emit("waiting_for_sends", count=len(in_flight))
             _, late = await asyncio.wait(in_flight, timeout=self.settings.shutdown_timeout)
             if late:
                 self._log.warning("cancelling sends still running at the timeout", count=len(late))
-                await _cancel(list(late))
+                await cancel_and_wait(list(late))
         if not await self._completer.flush_until(deadline + FLUSH_GRACE):
             self._log.error(
                 "could not record outcomes before exiting; those jobs will be sent again",
@@ -574,7 +368,9 @@ class Worker:
         unfinished = [job_id for job_id in self._held if job_id not in with_outcome]
         while unfinished:
             try:
-                await asyncio.to_thread(self.store.release, unfinished, self.owner)
+                await asyncio.to_thread(
+                    self.store.release, unfinished, self.owner, self.clock.now()
+                )
             except StoreError as exc:
                 delay = self._outage.failed(exc, "releasing unsent jobs")
                 if deadline is None or loop.time() + delay >= deadline:
@@ -586,32 +382,13 @@ class Worker:
                 await asyncio.sleep(delay)
                 continue
             self._log.info("released unsent jobs", count=len(unfinished))
+            self.events.emit("released", job_ids=unfinished)
             for job_id in unfinished:
                 self._held.pop(job_id, None)
             return
 
     def _database_url(self) -> str:
         return self.store.url
-
-
-async def _cancel(tasks: Sequence[asyncio.Future[Any]]) -> None:
-    """Cancel and wait, so nothing is left running when this returns.
-
-    A task that ignores its cancellation (a library that swallows it) is
-    given up on after a few seconds rather than hanging the shutdown.
-    """
-    if not tasks:
-        return
-    for task in tasks:
-        task.cancel()
-    done, stuck = await asyncio.wait(tasks, timeout=CANCEL_TIMEOUT)
-    for task in done:
-        if not task.cancelled() and task.exception() is not None:
-            structlog.get_logger().error("task failed", task=_name(task), exc_info=task.exception())
-    if stuck:
-        structlog.get_logger().error(
-            "tasks did not stop when cancelled", tasks=[_name(t) for t in stuck]
-        )
 
 
 def screen_rules(settings: Settings, secrets: SecretBox | None = None) -> ScreenRules | None:
@@ -631,14 +408,6 @@ def screen_rules(settings: Settings, secrets: SecretBox | None = None) -> Screen
         return rules
     # Sealed variables differ at every enqueue: the hash is over what they say.
     return dataclasses.replace(rules, open_variables=partial(unseal_variables, box=secrets))
-
-
-def _name(task: asyncio.Future[Any]) -> str:
-    return task.get_name() if isinstance(task, asyncio.Task) else repr(task)
-
-
-def _as_fields(result: BatchResult) -> dict[str, int]:
-    return {name: getattr(result, name) for name in BatchResult.__slots__}
 
 
 # -- the forked process ---------------------------------------------------------
