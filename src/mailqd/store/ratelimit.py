@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from mailqd.store import buckets
 from mailqd.store.buckets import TokenGrant
+from mailqd.store.database import Database
+from mailqd.store.dialects import Dialect
 from mailqd.store.screening import DOMAIN_BUCKET_PREFIX
 from mailqd.store.store import Store
 
@@ -23,8 +25,17 @@ class RateLimits:
     """The token buckets of one database."""
 
     def __init__(self, store: Store) -> None:
-        self._db = store.database
-        self._dialect = store.database.dialect
+        # The database is looked up at first use: a worker whose rate limit is
+        # off never takes a token, and may run on a store without one (tests).
+        self._store = store
+
+    @property
+    def _db(self) -> Database:
+        return self._store.database
+
+    @property
+    def _dialect(self) -> Dialect:
+        return self._store.database.dialect
 
     def take(
         self, name: str, want: int, rate: float, burst: float, now: float | None = None
