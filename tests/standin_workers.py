@@ -14,14 +14,14 @@ from types import FrameType
 
 import structlog
 
-from mailqd.config import Settings
 from mailqd.daemon.heartbeat import Heartbeat, WorkerIdentity
 from mailqd.errors import ConfigError
+from mailqd.runtime import Runtime
 
 BEAT_INTERVAL = 0.1
 
 
-def beating(settings: Settings, identity: WorkerIdentity, heartbeat: Heartbeat) -> int:
+def beating(runtime: Runtime, identity: WorkerIdentity, heartbeat: Heartbeat) -> int:
     """A healthy worker with nothing to do: beats until SIGTERM, then exits 0."""
     stop = _stop_on_sigterm()
     structlog.get_logger().info("stand-in worker running", owner=identity.owner)
@@ -31,17 +31,17 @@ def beating(settings: Settings, identity: WorkerIdentity, heartbeat: Heartbeat) 
     return 0
 
 
-def crash_at_boot(settings: Settings, identity: WorkerIdentity, heartbeat: Heartbeat) -> int:
+def crash_at_boot(runtime: Runtime, identity: WorkerIdentity, heartbeat: Heartbeat) -> int:
     """Dies at once with a plain failure: the supervisor should restart it, ever more slowly."""
     return 1
 
 
-def boot_error(settings: Settings, identity: WorkerIdentity, heartbeat: Heartbeat) -> int:
+def boot_error(runtime: Runtime, identity: WorkerIdentity, heartbeat: Heartbeat) -> int:
     """Cannot work with this configuration: the supervisor should stop with exit code 3."""
     raise ConfigError("smtp_url", "stand-in: this worker cannot start")
 
 
-def hung(settings: Settings, identity: WorkerIdentity, heartbeat: Heartbeat) -> int:
+def hung(runtime: Runtime, identity: WorkerIdentity, heartbeat: Heartbeat) -> int:
     """Stops beating and ignores SIGTERM, like a stuck event loop: only SIGKILL ends it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     structlog.get_logger().info("stand-in worker running", owner=identity.owner)
@@ -49,7 +49,7 @@ def hung(settings: Settings, identity: WorkerIdentity, heartbeat: Heartbeat) -> 
         time.sleep(3600)
 
 
-def stubborn(settings: Settings, identity: WorkerIdentity, heartbeat: Heartbeat) -> int:
+def stubborn(runtime: Runtime, identity: WorkerIdentity, heartbeat: Heartbeat) -> int:
     """Beats, but ignores SIGTERM: a worker stuck in a long send at shutdown."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     structlog.get_logger().info("stand-in worker running", owner=identity.owner)

@@ -15,9 +15,12 @@ database; a job names one with `template_id=` and gives its `variables=`.
 trip per message, and a template may be added after its jobs): a job whose
 template is missing when it is sent fails with "unknown template".
 
-With a key file (`secrets_key_file=`, or `MAILQD_SECRETS_KEY_FILE`), a
-job's variables are encrypted before they are written (see
-`mailqd.secrets`); the daemon needs the same key to send them.
+With a key file (`secrets_key_file=`), a job's variables are encrypted
+before they are written (see `mailqd.secrets`); the daemon needs the same
+key to send them. The constructor reads no environment variable:
+`Client.from_env()` (or `AsyncClient.from_env()`) is the named way to take
+the URL and the key file from `MAILQD_DATABASE_URL` and
+`MAILQD_SECRETS_KEY_FILE`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from mailqd.store import Store
 from mailqd.templates import Rendered, check_template, compile_template, render
 from mailqd.validation import DEFAULT_LIMITS, Limits, Recipients, build_job
 
+DATABASE_URL_ENV = "MAILQD_DATABASE_URL"
 SECRETS_KEY_FILE_ENV = "MAILQD_SECRETS_KEY_FILE"
 
 
@@ -42,11 +46,11 @@ class Client:
     """Queues mail into a mailqd database. Thread-safe; create one per process.
 
     `secrets_key_file`: a Fernet key file (`mailqctl secrets generate-key`);
-    when given, or set in `MAILQD_SECRETS_KEY_FILE`, template variables are
-    stored encrypted. An empty string turns encryption off whatever the
-    environment says. A key file that cannot be read, or a malformed
-    `database_url`, raises `ConfigError` ("database_url: ..."), with no
-    part of the URL in its message.
+    when given, template variables are stored encrypted. The key file is
+    read once, here; the environment is not read (`from_env` does that).
+    A key file that cannot be read, or a malformed `database_url`, raises
+    `ConfigError` ("database_url: ..."), with no part of the URL in its
+    message.
     """
 
     def __init__(
@@ -57,8 +61,6 @@ class Client:
         secrets_key_file: str | None = None,
         **engine_kwargs: Any,
     ) -> None:
-        if secrets_key_file is None:
-            secrets_key_file = os.environ.get(SECRETS_KEY_FILE_ENV)
         try:
             self._secrets = load_secret_box(secrets_key_file)
             self._store = Store.from_url(database_url, **engine_kwargs)
@@ -66,6 +68,22 @@ class Client:
             # The same one line as the daemon's, naming the argument (never quoting the URL).
             raise ConfigError(exc.key, exc.problem, source="") from None
         self._limits = limits
+
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        **engine_kwargs: Any,
+    ) -> Client:
+        """A client for `MAILQD_DATABASE_URL`, encrypting with `MAILQD_SECRETS_KEY_FILE` if set.
+
+        `env` defaults to `os.environ`. `ConfigError` ("database_url: ...")
+        when `MAILQD_DATABASE_URL` is not set.
+        """
+        url, key_file = _from_env(os.environ if env is None else env)
+        return cls(url, limits=limits, secrets_key_file=key_file, **engine_kwargs)
 
     def close(self) -> None:
         """Close the client's database connections."""
@@ -215,6 +233,18 @@ class AsyncClient:
             database_url, limits=limits, secrets_key_file=secrets_key_file, **engine_kwargs
         )
 
+    @classmethod
+    def from_env(
+        cls,
+        env: Mapping[str, str] | None = None,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        **engine_kwargs: Any,
+    ) -> AsyncClient:
+        """See `Client.from_env`."""
+        url, key_file = _from_env(os.environ if env is None else env)
+        return cls(url, limits=limits, secrets_key_file=key_file, **engine_kwargs)
+
     async def close(self) -> None:
         await asyncio.to_thread(self._client.close)
 
@@ -274,3 +304,10 @@ class AsyncClient:
     ) -> Rendered:
         """See `Client.render_template`."""
         return await asyncio.to_thread(self._client.render_template, template_id, variables)
+
+
+def _from_env(env: Mapping[str, str]) -> tuple[str, str | None]:
+    url = env.get(DATABASE_URL_ENV)
+    if not url:
+        raise ConfigError("database_url", f"{DATABASE_URL_ENV} is not set", source="")
+    return url, env.get(SECRETS_KEY_FILE_ENV) or None

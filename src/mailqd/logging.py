@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
 import structlog
@@ -84,8 +84,14 @@ def _mask_token(addr: str) -> str:
     return f"{local[:1]}***@{domain}" if local else f"***@{domain}"
 
 
-def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
-    """Set up structlog (and stdlib logging, for libraries) once per process."""
+def configure_logging(
+    settings: Settings, stream: TextIO | None = None, *, secrets: Iterable[str] | None = None
+) -> None:
+    """Set up structlog (and stdlib logging, for libraries) once per process.
+
+    `secrets` are the values to mask, when the caller has them already (a
+    worker, from the runtime): otherwise they are read from the settings.
+    """
     stream = sys.stderr if stream is None else stream
     level = _LEVELS[settings.log_level]
     use_json = settings.log_format == "json" or (
@@ -96,7 +102,7 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
         if use_json
         else _shown_not_obeyed(structlog.dev.ConsoleRenderer(colors=stream.isatty()))
     )
-    secrets = secrets_of(settings)
+    secrets = tuple(secrets_of(settings) if secrets is None else secrets)
     if secrets:
         renderer = _scrubbing(renderer, secrets)
     structlog.configure(

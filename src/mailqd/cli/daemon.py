@@ -27,9 +27,7 @@ from mailqd.credentials import redact_url, secrets_of, smtp_password_source
 from mailqd.daemon.supervisor import KILL_GRACE, Supervisor, WorkerEntry, open_store
 from mailqd.errors import MailqError
 from mailqd.logging import configure_logging
-from mailqd.secrets import load_secret_box
-from mailqd.signing import DkimSigner
-from mailqd.transport import transport_from_settings
+from mailqd.runtime import Runtime
 
 __all__ = ["check_configuration", "command", "load_daemon_settings", "main", "run_daemon"]
 
@@ -90,15 +88,18 @@ def load_daemon_settings(
 ) -> Settings:
     """The settings, validated as far as possible without starting a worker.
 
-    Beyond `load_settings`, the SMTP URL is parsed and the SMTP password
-    read here, so that a bad one fails at start (or is refused on reload)
-    rather than in every worker.
+    Beyond `load_settings`, the runtime is built (and dropped): the SMTP URL
+    parsed, the password, secrets key and DKIM key read, so that a bad one
+    fails here, naming its key.
     """
-    settings = load_settings(config_path, overrides=overrides)
-    transport_from_settings(settings)
-    load_secret_box(settings.secrets_key_file)  # a bad key file fails here, not in workers
-    DkimSigner.from_settings(settings)  # so does a partial DKIM config or a bad DKIM key
-    return settings
+    return load_daemon_runtime(config_path, overrides).settings
+
+
+def load_daemon_runtime(
+    config_path: str | Path | None, overrides: Mapping[str, Any] | None = None
+) -> Runtime:
+    """The settings and the runtime built from them once, for the supervisor to fork with."""
+    return Runtime.build(load_settings(config_path, overrides=overrides))
 
 
 def check_configuration(
@@ -147,11 +148,14 @@ def run_daemon(
     """
     settings: Settings | None = None
     try:
-        settings = load_daemon_settings(config_path, overrides)
-        configure_logging(settings)
+        runtime = load_daemon_runtime(config_path, overrides)
+        settings = runtime.settings
+        configure_logging(settings, secrets=runtime.log_secrets)
         supervisor = Supervisor(
             settings,
-            load_settings=lambda: load_daemon_settings(config_path, overrides),
+            # The supervisor builds the runtime of a reload itself (a bad one keeps the old).
+            load_settings=lambda: load_settings(config_path, overrides=overrides),
+            runtime=runtime,
             worker_entry=worker_entry,
             kill_grace=kill_grace,
             notify_socket=os.environ.get("NOTIFY_SOCKET"),

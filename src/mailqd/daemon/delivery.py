@@ -33,6 +33,7 @@ from mailqd.logging import mask_address_list, mask_addresses_in
 from mailqd.models import Job, Outcome
 from mailqd.rules import Limits
 from mailqd.rules.rows import check_claimed_row
+from mailqd.runtime import Runtime
 from mailqd.secrets import SecretBox, unseal_variables
 from mailqd.signing import DkimSigner
 from mailqd.store import Completion
@@ -66,6 +67,9 @@ class Deliverer:
 
     `templates` is where jobs with a `template_id` find their template
     (without it, such jobs fail); `secrets` opens encrypted variables.
+    `runtime` gives the parts built once from the settings (backoff, limits,
+    DKIM signer, render budget, and the secrets box unless `secrets` is
+    given); without it they are built here, for a deliverer made in-process.
     """
 
     def __init__(
@@ -76,15 +80,23 @@ class Deliverer:
         *,
         templates: TemplateCache | None = None,
         secrets: SecretBox | None = None,
+        runtime: Runtime | None = None,
     ):
         self._settings = settings
         self._owner = owner
-        self._policy = policy or BackoffPolicy.from_settings(settings)
         self._templates = templates
-        self._secrets = secrets
-        self._limits = Limits.from_settings(settings)
-        self._signer = DkimSigner.from_settings(settings)  # ConfigError: the worker cannot start
-        self._template_budget = RenderBudget.from_settings(settings)
+        if runtime is None:
+            self._policy = policy or BackoffPolicy.from_settings(settings)
+            self._secrets = secrets
+            self._limits = Limits.from_settings(settings)
+            self._signer = DkimSigner.from_settings(settings)  # ConfigError: cannot start
+            self._template_budget = RenderBudget.from_settings(settings)
+        else:
+            self._policy = policy or runtime.backoff
+            self._secrets = runtime.secrets if secrets is None else secrets
+            self._limits = runtime.limits
+            self._signer = runtime.signer
+            self._template_budget = runtime.render_budget
 
     async def deliver(self, job: Job, transport: Transport) -> Completion:
         """Decide, compose and send one job; returns the outcome to record."""

@@ -24,19 +24,24 @@ class wait_proportional_jitter(wait_base):
     """Wrap a wait strategy and add up to `fraction` of its delay at random.
 
     Jitter spreads the retries of jobs that failed together (an SMTP outage)
-    so they do not all come back in the same second.
+    so they do not all come back in the same second. Without `rng` it draws
+    from the `random` module's generator, which Python reseeds in every
+    forked child: the policy is built once in the supervisor (`mailqd.runtime`),
+    and a private generator copied into each worker would give every worker
+    the same jitter.
     """
 
     def __init__(self, inner: wait_base, fraction: float, rng: random.Random | None = None):
         self.inner = inner
         self.fraction = fraction
-        self.rng = rng or random.Random()
+        self.rng = rng
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> float:
         delay = self.inner(retry_state)
         if self.fraction <= 0:
             return delay
-        return delay + self.rng.uniform(0.0, self.fraction * delay)
+        uniform = random.uniform if self.rng is None else self.rng.uniform
+        return delay + uniform(0.0, self.fraction * delay)
 
 
 @dataclass(frozen=True, slots=True)

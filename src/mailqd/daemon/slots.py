@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 from mailqd.daemon.waiting import wait_any, with_timeout
 from mailqd.transport import Transport
+from mailqd.transport.url import TransportFactory
 
 __all__ = ["TRANSPORT_CLOSE_TIMEOUT", "Slots", "TransportFactory"]
-
-TransportFactory = Callable[[], Transport]
 
 TRANSPORT_CLOSE_TIMEOUT = 5.0
 

@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import os
 import signal
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import structlog
 
@@ -44,21 +42,28 @@ from mailqd.daemon.producer import Producer, ProducerConfig
 from mailqd.daemon.ratelimit import RateLimiter
 from mailqd.daemon.rescuer import Rescuer, RescuerConfig
 from mailqd.daemon.screening_purger import ScreeningPurger, ScreeningPurgerConfig
-from mailqd.daemon.slots import Slots, TransportFactory
+from mailqd.daemon.slots import Slots
 from mailqd.daemon.tasks import cancel_and_wait, run_beside
 from mailqd.daemon.templates import TemplateCache
 from mailqd.daemon.totals import BatchResult, as_fields
 from mailqd.errors import DatabaseUnavailableError, StoreError
 from mailqd.metrics import WorkerMetrics
 from mailqd.models import Job
-from mailqd.secrets import SecretBox, load_secret_box, unseal_variables
+from mailqd.runtime import Runtime, screen_rules
 from mailqd.store import Completion, Store
 from mailqd.store.notify import JobListener, supports_listen
-from mailqd.store.screening import ScreenRules
 from mailqd.store.store import LONGEST_LEASE
 from mailqd.transport import Transport
+from mailqd.transport.url import TransportFactory
 
-__all__ = ["BatchResult", "TransportFactory", "Worker", "checked_transport_factory", "run_worker"]
+__all__ = [
+    "BatchResult",
+    "TransportFactory",
+    "Worker",
+    "checked_transport_factory",
+    "run_worker",
+    "screen_rules",
+]
 
 HEARTBEAT_INTERVAL = 0.5
 """Seconds between heartbeats; the supervisor's timeout is many times this."""
@@ -73,7 +78,10 @@ class Worker:
     unique among live workers. Use `run` or `run_once` on one instance, not
     both at once, and `close` (or `async with`) after `run_once`. `clock`
     is where every time-based store call takes its `now=` (default: the
-    database's clock).
+    database's clock). `runtime` holds the parts built once from the
+    settings (secrets box, DKIM signer, screening rules...); a forked worker
+    gets the supervisor's, and without one they are built here from
+    `settings`.
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class Worker:
         listen: bool | None = None,
         metrics: WorkerMetrics | None = None,
         clock: Clock | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -100,12 +109,12 @@ class Worker:
         self._listen = supports_listen(self._database_url()) if listen is None else listen
         self._log = structlog.get_logger().bind(worker=owner)
         self._outage = DatabaseOutage(events=self.events)
-        secrets = load_secret_box(settings.secrets_key_file)
+        runtime = runtime or Runtime.build(settings, transport=False)
         self._deliverer = Deliverer(
-            settings, owner, templates=TemplateCache(store), secrets=secrets
+            settings, owner, templates=TemplateCache(store), runtime=runtime
         )
         self._metrics = metrics
-        self._screen_rules = screen_rules(settings, secrets)
+        self._screen_rules = runtime.screening
         self._assemble(transport_factory)
 
     def _assemble(self, transport_factory: TransportFactory) -> None:
@@ -391,48 +400,33 @@ class Worker:
         return self.store.url
 
 
-def screen_rules(settings: Settings, secrets: SecretBox | None = None) -> ScreenRules | None:
-    """The claim-time screening the settings ask for; None when every rule is off.
-
-    `secrets` opens sealed template variables for the content hash (the
-    box of `secrets_key_file`, loaded by the caller).
-    """
-    rules = ScreenRules(
-        dedup_window=settings.dedup_window,
-        recipient_hourly_cap=settings.recipient_hourly_cap,
-        domain_rates=settings.domain_rates,
-    )
-    if not rules.active:
-        return None
-    if settings.dedup_window <= 0 or secrets is None:
-        return rules
-    # Sealed variables differ at every enqueue: the hash is over what they say.
-    return dataclasses.replace(rules, open_variables=partial(unseal_variables, box=secrets))
-
-
 # -- the forked process ---------------------------------------------------------
 
 
-def run_worker(settings: Settings, identity: WorkerIdentity, heartbeat: Heartbeat) -> int:
+def run_worker(settings: Settings | Runtime, identity: WorkerIdentity, heartbeat: Heartbeat) -> int:
     """The body of a forked worker process; returns its exit code (0 after a graceful stop).
 
-    Builds its own engine: connections inherited across fork() must not be
-    used. SIGTERM stops the worker gracefully. SIGINT is ignored (the
-    supervisor handles Ctrl-C and sends SIGTERM), and so is SIGHUP (the
-    supervisor reloads by replacing workers). A worker that cannot start
-    raises `ConfigError` (a bad `smtp_url`) or `SchemaError`, which the
-    supervisor treats as a boot failure rather than a crash to restart.
-    A worker whose supervisor dies (SIGKILL, the OOM killer) stops
-    gracefully as if it got SIGTERM, instead of delivering on unsupervised.
+    Given the supervisor's `Runtime` (inherited across fork), it reads no
+    key file, password file or environment; given plain `Settings` (a test
+    forking a worker itself), it builds the runtime first. Builds its own
+    engine: connections inherited across fork() must not be used. SIGTERM
+    stops the worker gracefully. SIGINT is ignored (the supervisor handles
+    Ctrl-C and sends SIGTERM), and so is SIGHUP (the supervisor reloads by
+    replacing workers). A worker that cannot start raises `ConfigError` (a
+    bad `smtp_url`) or `SchemaError`, which the supervisor treats as a boot
+    failure rather than a crash to restart. A worker whose supervisor dies
+    (SIGKILL, the OOM killer) stops gracefully as if it got SIGTERM,
+    instead of delivering on unsupervised.
     """
     from mailqd.logging import configure_logging
 
     supervisor = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    configure_logging(settings)
+    runtime = settings if isinstance(settings, Runtime) else Runtime.build(settings)
+    configure_logging(runtime.settings, secrets=runtime.log_secrets)
     with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-        runner.run(_serve(settings, identity, heartbeat, supervisor))
+        runner.run(_serve(runtime, identity, heartbeat, supervisor))
     return 0
 
 
@@ -450,12 +444,13 @@ def _event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 async def _serve(
-    settings: Settings, identity: WorkerIdentity, heartbeat: Heartbeat, supervisor: int
+    runtime: Runtime, identity: WorkerIdentity, heartbeat: Heartbeat, supervisor: int
 ) -> None:
+    settings = runtime.settings
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     orphaned = asyncio.create_task(_stop_when_orphaned(supervisor, stop, identity.owner))
-    make_transport = await checked_transport_factory(settings)
+    make_transport = await checked_transport_factory(runtime)
     # No pre-ping: it is one more round trip per store call (measured ~0.3 ms
     # of CPU each). A connection that died is noticed by the call that uses
     # it, which fails like any outage and is retried on a fresh one.
@@ -469,6 +464,7 @@ async def _serve(
             make_transport,
             heartbeat=heartbeat,
             metrics=WorkerMetrics(limited_domains=settings.domain_rates),
+            runtime=runtime,
         )
         await worker.run(stop)
     finally:
@@ -492,19 +488,14 @@ async def _stop_when_orphaned(supervisor: int, stop: asyncio.Event, owner: str) 
     stop.set()
 
 
-async def checked_transport_factory(settings: Settings) -> TransportFactory:
-    """The factory of the slots' transports, tried once now so a bad URL fails at start.
+async def checked_transport_factory(settings: Settings | Runtime) -> TransportFactory:
+    """The factory of the slots' transports, tried once now so a bad target fails at start.
 
-    The SMTP password is read once here (it may come from a file), not per slot.
+    The URL is parsed and the SMTP password read once, by the runtime
+    (`mailqd.runtime`): given `Settings`, it is built here.
     """
-    from mailqd.credentials import smtp_password
-    from mailqd.transport import transport_from_settings
-
-    password = smtp_password(settings)
-
-    def make_transport() -> Transport:
-        return transport_from_settings(settings, password)
-
+    runtime = settings if isinstance(settings, Runtime) else Runtime.build(settings)
+    make_transport = runtime.transport_factory()
     await make_transport().close()
     return make_transport
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
@@ -25,12 +27,16 @@ if TYPE_CHECKING:
     from mailqd.config import Settings
 
 __all__ = [
+    "TransportFactory",
     "parse_smtp_url",
     "redact_url",
     "tls_verification_off",
+    "transport_factory",
     "transport_from_settings",
     "transport_from_url",
 ]
+
+TransportFactory = Callable[[], Transport]
 
 CONFIG_KEY = "smtp_url"
 DEFAULT_PORTS = {"smtp": 25, "smtps": 465}
@@ -53,6 +59,15 @@ def transport_from_settings(settings: Settings, password: str | None = None) -> 
     return transport_from_url(settings.smtp_url, password=password, timeout=settings.smtp_timeout)
 
 
+def transport_factory(settings: Settings, password: str | None) -> TransportFactory:
+    """Parse `smtp_url` once; the factory then makes each slot's transport without parsing.
+
+    `password` is the SMTP password already resolved (`mailqd.credentials.smtp_password`):
+    built by `mailqd.runtime.Runtime` at start and on reload, never per worker or per slot.
+    """
+    return _factory(settings.smtp_url, password=password, timeout=settings.smtp_timeout)
+
+
 def transport_from_url(
     url: str,
     *,
@@ -69,6 +84,25 @@ def transport_from_url(
     the connect (including TLS and login) and end-of-DATA waits. `password`
     is the SMTP password when the URL names the user but not the password.
     """
+    return _factory(
+        url,
+        password=password,
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        data_timeout=data_timeout,
+        local_hostname=local_hostname,
+    )()
+
+
+def _factory(
+    url: str,
+    *,
+    password: str | None,
+    timeout: float,
+    connect_timeout: float | None = None,
+    data_timeout: float | None = None,
+    local_hostname: str | None = None,
+) -> TransportFactory:
     scheme = _scheme(url)
     if scheme in DEFAULT_PORTS:
         settings = parse_smtp_url(
@@ -79,12 +113,12 @@ def transport_from_url(
             data_timeout=data_timeout,
             local_hostname=local_hostname,
         )
-        return SmtpTransport(settings)
+        return partial(SmtpTransport, settings)
     if scheme == "maildir":
-        return MaildirTransport(_maildir_path(url))
+        return partial(MaildirTransport, _maildir_path(url))
     if scheme == "null":
         _check_null_url(url)
-        return NullTransport()
+        return NullTransport
     raise ConfigError(CONFIG_KEY, "scheme must be smtp://, smtps://, maildir:// or null://")
 
 

@@ -1,0 +1,81 @@
+"""The supervisor's own stores: the schema check before forking, and dead workers' jobs given back.
+
+The supervisor calls the store for these two things only. Its stores are
+made lazily, in the parent, one per database URL (after a reload that
+changes `database_url`, the old generation's jobs still live in the old
+database), and a forked child forgets them without closing them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+
+from mailqd.errors import MailqError
+from mailqd.store import Store, is_postgresql
+
+__all__ = ["DB_CONNECT_TIMEOUT", "RESCUE_BATCH", "SupervisorStores", "open_store"]
+
+DB_CONNECT_TIMEOUT = 5
+RESCUE_BATCH = 1000
+
+log = structlog.get_logger(component="supervisor")
+
+
+class SupervisorStores:
+    """One store per database URL, used by the supervisor process only."""
+
+    def __init__(self) -> None:
+        self._stores: dict[str, Store] = {}
+
+    def check_database(self, url: str) -> str:
+        """The schema revision, or `StoreError` if the database cannot be used by the workers."""
+        return self._store(url).check_schema()
+
+    def give_back(self, url: str, owner: str) -> int | None:
+        """Return the jobs `owner` held to the queue now; None (logged) if the database fails."""
+        try:
+            store = self._store(url)
+            rescued = store.rescue(owner=owner, limit=RESCUE_BATCH)
+            total = len(rescued)
+            while len(rescued) == RESCUE_BATCH:
+                rescued = store.rescue(owner=owner, limit=RESCUE_BATCH)
+                total += len(rescued)
+        except MailqError as exc:
+            log.error(
+                "could not give back a dead worker's jobs; they return when their lease expires",
+                owner=owner,
+                error=str(exc),
+            )
+            return None
+        return total
+
+    def close(self) -> None:
+        for store in self._stores.values():
+            store.close()
+        self._stores.clear()
+
+    def forget_after_fork(self) -> None:
+        """In a freshly forked child: the parent's pooled connections must not be used or closed."""
+        for store in self._stores.values():
+            store.forget_after_fork()
+        self._stores.clear()
+
+    def _store(self, url: str) -> Store:
+        store = self._stores.get(url)
+        if store is None:
+            store = self._stores[url] = open_store(url)
+        return store
+
+
+def open_store(url: str) -> Store:
+    """A store whose connection attempts give up after a few seconds.
+
+    The supervisor (and `--check-config`) must not freeze on a database host
+    that drops packets: the main loop has workers to watch.
+    """
+    options: dict[str, Any] = {}
+    if is_postgresql(url):
+        options["connect_args"] = {"connect_timeout": DB_CONNECT_TIMEOUT}
+    return Store.from_url(url, **options)
