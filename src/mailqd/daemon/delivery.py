@@ -36,7 +36,7 @@ from mailqd.rules.rows import check_claimed_row
 from mailqd.secrets import SecretBox, unseal_variables
 from mailqd.signing import DkimSigner
 from mailqd.store import Completion
-from mailqd.templates import RenderBudget, render
+from mailqd.templating import RenderBudget, render
 from mailqd.transport import SendResult, Transport
 
 __all__ = ["Deliverer"]
