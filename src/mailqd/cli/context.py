@@ -54,7 +54,7 @@ class Context:
         if self._store is None:
             from mailqd.store import Store
 
-            self._store = Store.from_url(self.settings.database_url)
+            self._store = Store.from_url(self.settings.database_url, application_name="mailqctl")
         return self._store
 
     @property
