@@ -38,6 +38,7 @@ _NAME_NEEDS_QUOTES = re.compile(r'[][\\()<>@,:;".\t]|  ')
 
 
 def sender_address(value: object) -> Address:
+    """The From address: the job's, else the configured default; one is required."""
     if not value:
         raise InvalidAddressError(
             "from_address", "no From address: set it on the job or configure a default"
@@ -46,10 +47,12 @@ def sender_address(value: object) -> Address:
 
 
 def optional_list(field: str, value: object) -> tuple[Address, ...]:
+    """Cc, Bcc or Reply-To: absent is no addresses, present is parsed like To."""
     return () if value is None else parse_address_list(field, value)
 
 
 def envelope_recipients(addresses: Iterable[Address]) -> tuple[str, ...]:
+    """RCPT TO addresses, each once (an address in To and Cc gets one copy)."""
     seen: dict[tuple[str, str], str] = {}
     for address in addresses:
         seen.setdefault(address.envelope_key, address.envelope)
@@ -134,6 +137,7 @@ def _check_line_lengths(header: str, field: str) -> None:
 
 
 def text_field(value: object, field: str) -> str | None:
+    """A text column as given, or `ValidationError`: a plain-SQL row may hold anything."""
     if value is None:
         return None
     if not isinstance(value, str):
@@ -142,6 +146,7 @@ def text_field(value: object, field: str) -> str | None:
 
 
 def aware(now: datetime | None) -> datetime:
+    """The Date header's time: `now` (naive read as UTC), or the current time."""
     if now is None:
         return datetime.now(UTC)
     return now if now.tzinfo is not None else now.replace(tzinfo=UTC)
