@@ -49,7 +49,7 @@ _RULES: tuple[tuple[str, re.Pattern[str], re.Pattern[str]], ...] = tuple(
         (OUTCOME, r"mailqd/store/", r"complet|_job_outcome|_attempt_|_storable_text"),
         (OUTCOME, r"mailqd/daemon/completer", r""),
         (CLAIM, r"mailqd/daemon/worker", r"\._(claim|produce|set_aside|start)$"),
-        (COMPOSE, r"mailqd/(compose|templates|sanitize|signing)", r""),
+        (COMPOSE, r"mailqd/(compose|templating|signing)", r""),
         (COMPOSE, r"mailqd/daemon/(templates|delivery)", r"^_compose$|^_content$|render"),
         (SMTP, r"mailqd/transport/", r""),
         (STARTUP, r"mailqd/store/(migrat|engine)", r""),

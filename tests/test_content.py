@@ -24,6 +24,7 @@ from ctl_process import error_line, invoke
 from daemon_process import DaemonPool
 from mailqd import Client
 from mailqd.compose import compose
+from mailqd.compose.sanitize import sanitize_html
 from mailqd.errors import (
     HeaderInjectionError,
     LimitExceededError,
@@ -31,7 +32,6 @@ from mailqd.errors import (
     ValidationError,
 )
 from mailqd.models import Status
-from mailqd.sanitize import sanitize_html
 from mailqd.store import Store
 from mailqd.validation import Limits
 from smtp_server import SmtpServer, smtp_server_fixture

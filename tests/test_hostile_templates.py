@@ -32,7 +32,7 @@ from mailqd.errors import ConfigError, TemplateError
 from mailqd.models import Status, Template
 from mailqd.secrets import generate_key_file
 from mailqd.store import Store
-from mailqd.templates import (
+from mailqd.templating import (
     CompiledTemplate,
     RenderBudget,
     check_template,
@@ -193,7 +193,7 @@ def test_peak_memory_stays_low_while_every_bomb_is_rendered() -> None:
         from datetime import UTC, datetime, timedelta
         from mailqd.errors import TemplateError
         from mailqd.models import Template
-        from mailqd.templates import RenderBudget, compile_template, render
+        from mailqd.templating import RenderBudget, compile_template, render
 
         def run(text, variables, seconds):
             now = datetime.now(UTC)

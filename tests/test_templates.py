@@ -39,7 +39,7 @@ from mailqd.errors import (
 from mailqd.models import Status, Template
 from mailqd.secrets import generate_key_file, load_secret_box
 from mailqd.store import Store
-from mailqd.templates import CompiledTemplate, check_template, compile_template, render
+from mailqd.templating import CompiledTemplate, check_template, compile_template, render
 from mailqd.validation import build_job
 from smtp_server import SmtpServer, smtp_server_fixture
 from test_supervisor import assert_one_line_failure, base_env, migrated_sqlite, run_mailqd

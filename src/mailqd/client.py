@@ -35,7 +35,7 @@ from mailqd.errors import ConfigError
 from mailqd.models import NewJob, Template
 from mailqd.secrets import load_secret_box, seal_variables
 from mailqd.store import Store
-from mailqd.templates import Rendered, check_template, compile_template, render
+from mailqd.templating import Rendered, check_template, compile_template, render
 from mailqd.validation import DEFAULT_LIMITS, Limits, Recipients, build_job
 
 DATABASE_URL_ENV = "MAILQD_DATABASE_URL"

@@ -21,10 +21,10 @@ from mailqd.config import Settings
 from mailqd.credentials import secrets_of, smtp_password
 from mailqd.daemon.retry import BackoffPolicy
 from mailqd.rules import Limits
-from mailqd.sandbox import RenderBudget
 from mailqd.secrets import SecretBox, load_secret_box, unseal_variables
 from mailqd.signing import DkimSigner
 from mailqd.store.screening import ScreenRules
+from mailqd.templating.sandbox import RenderBudget
 from mailqd.transport.url import TransportFactory, transport_factory
 
 __all__ = ["Runtime", "screen_rules"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -18,7 +18,9 @@ from mailqd.cli.safe import EXIT_FAILURE as EXIT_FAILURE
 from mailqd.cli.safe import error_line
 from mailqd.config import Settings, load_settings
 from mailqd.errors import MailqError
-from mailqd.store import Store
+
+if TYPE_CHECKING:
+    from mailqd.store import Store
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,7 +52,9 @@ class Context:
     @property
     def unchecked_store(self) -> Store:
         if self._store is None:
-            self._store = Store.from_url(self.settings.database_url)
+            from mailqd.store import Store
+
+            self._store = Store.from_url(self.settings.database_url, application_name="mailqctl")
         return self._store
 
     @property

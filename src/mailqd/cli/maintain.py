@@ -23,7 +23,7 @@ def migrate(state: Context) -> None:
     \b
     Example:
       $ mailqctl migrate
-      migrated the schema from (none) to 0001
+      migrated the schema from (none) to 0010
     """
     result = state.unchecked_store.upgrade()
     if result.changed:

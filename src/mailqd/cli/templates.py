@@ -24,7 +24,7 @@ from mailqd.cli.output import Output, format_age, key_value_table, plural, table
 from mailqd.cli.safe import printable
 from mailqd.models import Template
 from mailqd.secrets import generate_key_file
-from mailqd.templates import Rendered, check_template, compile_template, render
+from mailqd.templating import Rendered, check_template, compile_template, render
 
 SUBJECT_WIDTH = 50
 

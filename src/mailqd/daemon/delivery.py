@@ -37,7 +37,7 @@ from mailqd.runtime import Runtime
 from mailqd.secrets import SecretBox, unseal_variables
 from mailqd.signing import DkimSigner
 from mailqd.store import Completion
-from mailqd.templates import RenderBudget, render
+from mailqd.templating import RenderBudget, render
 from mailqd.transport import SendResult, Transport
 
 __all__ = ["Deliverer"]

@@ -78,4 +78,4 @@ def open_store(url: str) -> Store:
     options: dict[str, Any] = {}
     if is_postgresql(url):
         options["connect_args"] = {"connect_timeout": DB_CONNECT_TIMEOUT}
-    return Store.from_url(url, **options)
+    return Store.from_url(url, application_name="mailqd-supervisor", **options)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from mailqd.errors import StoreError, TemplateNotFoundError, TransientDeliveryError
 from mailqd.store import Store
-from mailqd.templates import CompiledTemplate, compile_template
+from mailqd.templating import CompiledTemplate, compile_template
 
 __all__ = ["TEMPLATE_CACHE_SECONDS", "TemplateCache"]
 

@@ -454,7 +454,11 @@ async def _serve(
     # No pre-ping: it is one more round trip per store call (measured ~0.3 ms
     # of CPU each). A connection that died is noticed by the call that uses
     # it, which fails like any outage and is retried on a fresh one.
-    store = Store.from_url(settings.database_url, pool_pre_ping=False)
+    store = Store.from_url(
+        settings.database_url,
+        pool_pre_ping=False,
+        application_name=f"mailqd-worker-{identity.index}",
+    )
     try:
         await _check_schema_if_reachable(store, identity.owner)
         worker = Worker(

@@ -53,8 +53,11 @@ def _postgresql(parsed: sa.URL) -> sa.URL:
     return parsed.set(drivername="postgresql+psycopg")
 
 
-def make_engine(url: str, **kwargs: Any) -> sa.Engine:
+def make_engine(url: str, *, application_name: str | None = None, **kwargs: Any) -> sa.Engine:
     """Create an engine; on SQLite, one that takes the write lock at BEGIN.
+
+    `application_name` (PostgreSQL only) names the connections in
+    `pg_stat_activity`: `mailqd-supervisor`, `mailqd-worker-N`, `mailqctl`.
 
     SQLite serialises writers; taking the lock up front (`BEGIN IMMEDIATE`)
     makes the read-then-update of a claim atomic across processes and avoids
@@ -69,6 +72,11 @@ def make_engine(url: str, **kwargs: Any) -> sa.Engine:
     if parsed.get_backend_name() == "postgresql":
         kwargs.setdefault("pool_pre_ping", True)
         kwargs.setdefault("pool_size", 5)
+        if application_name is not None:
+            kwargs["connect_args"] = {
+                **kwargs.get("connect_args", {}),
+                "application_name": application_name,
+            }
         return sa.create_engine(parsed, **kwargs)
     engine = sa.create_engine(parsed, **kwargs)
     _configure_sqlite(engine)

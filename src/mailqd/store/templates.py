@@ -3,7 +3,7 @@
 Reached as `Store.templates`. Each method is one short transaction on the
 store's engine, with driver errors translated like the rest of the store.
 The sources are stored as given; whether they compile is checked by the
-caller (`mailqd.templates.compile_template`) before `put`.
+caller (`mailqd.templating.compile_template`) before `put`.
 """
 
 from __future__ import annotations

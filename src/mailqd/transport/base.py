@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from mailqd.compose import OutgoingMessage
+from mailqd.message import OutgoingMessage
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,8 +9,8 @@ import socket
 import time
 from pathlib import Path
 
-from mailqd.compose import OutgoingMessage
 from mailqd.errors import TransientDeliveryError
+from mailqd.message import OutgoingMessage
 from mailqd.transport.base import SendResult
 
 __all__ = ["MaildirTransport", "NullTransport"]

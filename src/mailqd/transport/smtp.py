@@ -49,13 +49,13 @@ import enum
 import aiosmtplib
 from aiosmtplib import SMTPHeloError
 
-from mailqd.compose import OutgoingMessage
 from mailqd.errors import (
     AmbiguousDeliveryError,
     DeliveryError,
     PermanentDeliveryError,
     TransientDeliveryError,
 )
+from mailqd.message import OutgoingMessage
 from mailqd.transport.base import SendResult
 from mailqd.transport.commands import data_payload, mail_line, rcpt_line
 from mailqd.transport.failures import Refused, describe, server_reply

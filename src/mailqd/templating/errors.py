@@ -27,7 +27,7 @@ import jinja2
 from jinja2.exceptions import SecurityError
 from jinja2.utils import missing
 
-from mailqd.sandbox import Meter, current_meter
+from mailqd.templating.sandbox import Meter, current_meter
 
 __all__ = ["SafeUndefined", "UnsafeAccess", "clean", "scrub"]
 

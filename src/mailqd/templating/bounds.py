@@ -1,7 +1,7 @@
 """How large a template operation's result would be, computed before the operation runs.
 
 Each estimate is cheap (it reads lengths and arguments, it builds
-nothing) and never smaller than the result, so `mailqd.sandbox` can refuse
+nothing) and never smaller than the result, so `mailqd.templating.sandbox` can refuse
 an operation over the limit before it allocates. Sizes are characters for
 strings and items for lists; integers are measured in bits.
 """

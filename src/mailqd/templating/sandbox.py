@@ -43,7 +43,7 @@ from jinja2.runtime import LoopContext, markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
 from markupsafe import EscapeFormatter, Markup
 
-from mailqd import bounds
+from mailqd.templating import bounds
 
 if TYPE_CHECKING:
     from mailqd.config import Settings

@@ -10,9 +10,9 @@ schemes other than http, https, mailto, tel and cid (`javascript:`,
 get `rel="noopener noreferrer"`.
 
 It uses nh3 (the Rust ammonia sanitizer): an allow-list parser, not
-pattern matching, so markup tricks cannot smuggle a script past it. It costs
-about 90 us of CPU for a 2 KB body; bodies up to 32 KB are cached, so mail sent to
-many recipients with the same HTML is sanitized once per worker.
+pattern matching, so markup tricks cannot smuggle a script past it. Its cost
+per body is in docs/performance.md; bodies up to 32 KB are cached, so mail
+sent to many recipients with the same HTML is sanitized once per worker.
 """
 
 from __future__ import annotations

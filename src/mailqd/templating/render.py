@@ -4,7 +4,7 @@ A template's subject, text and html are Jinja2 sources. They are compiled
 once (`compile_template`, also run when a template is added, so a broken one
 is refused before any job uses it) and rendered per message (`render`):
 
-- in Jinja2's immutable sandbox (`mailqd.sandbox`): templates cannot reach
+- in Jinja2's immutable sandbox (`mailqd.templating.sandbox`): templates cannot reach
   Python internals (`{{ ''.__class__.__mro__ }}` is refused), call unsafe
   methods or modify the variables; and within a `RenderBudget`: a render
   that takes longer than `template_render_seconds`, writes a part larger
@@ -18,7 +18,7 @@ is refused before any job uses it) and rendered per message (`render`):
   must still be one line, so a variable with CR/LF cannot add a header.
 
 Every failure is a `TemplateError` naming the template, the part and the
-problem, never a variable's value (`mailqd.template_errors`); the daemon
+problem, never a variable's value (`mailqd.templating.errors`); the daemon
 records it as the job's permanent failure.
 """
 
@@ -36,8 +36,15 @@ from jinja2.exceptions import SecurityError
 
 from mailqd.errors import MissingContentError, TemplateError, ValidationError
 from mailqd.models import Template
-from mailqd.sandbox import BoundedSandbox, BudgetExceeded, Meter, RenderBudget, TooLarge, metered
-from mailqd.template_errors import SafeUndefined, UnsafeAccess, clean, scrub
+from mailqd.templating.errors import SafeUndefined, UnsafeAccess, clean, scrub
+from mailqd.templating.sandbox import (
+    BoundedSandbox,
+    BudgetExceeded,
+    Meter,
+    RenderBudget,
+    TooLarge,
+    metered,
+)
 
 __all__ = [
     "CompiledTemplate",
