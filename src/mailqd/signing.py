@@ -3,8 +3,9 @@
 Configured by three keys that go together: `dkim_domain` (the d= domain),
 `dkim_selector` (s=) and `dkim_key_file` (an unencrypted RSA private key in
 PEM, PKCS#1 or PKCS#8). The key is read and checked once, when the daemon
-starts and again in each worker, so a missing or unusable key is a
-`ConfigError` at start rather than a failure of every message.
+starts (and on SIGHUP), into the `Runtime` its workers inherit, so a missing
+or unusable key is a `ConfigError` at start rather than a failure of every
+message.
 
 Each composed message is signed just before it is sent, with relaxed/relaxed
 canonicalization over the headers mailqd writes itself (`SIGNED_HEADERS`).
