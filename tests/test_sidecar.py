@@ -21,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 import structlog
 
+from children import exit_code
 from daemon_process import DaemonPool, DaemonProcess
 from mailqd import Client
 from mailqd.daemon.sidecar import ForkLock, Sidecar, parse_listen
@@ -164,7 +165,7 @@ def test_children_forked_while_clients_keep_the_sidecar_busy_can_log_and_query(
                     _child_work(sidecar, pg_url)
             finally:
                 lock.release()  # the parent's: the child ends in os._exit
-            assert _exit_code(pid, timeout=15) == 0
+            assert exit_code(pid, timeout=15) == 0
     finally:
         stop.set()
         for client in clients:
@@ -184,19 +185,6 @@ def _child_work(sidecar: Sidecar, pg_url: str) -> NoReturn:
         code = 0
     finally:
         os._exit(code)
-
-
-def _exit_code(pid: int, timeout: float) -> int:
-    """The child's exit code; a child still running at the deadline is killed and fails."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, wait_status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(wait_status)
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    raise AssertionError(f"forked child {pid} hung: a lock held at the fork?")
 
 
 # -- /metrics ------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 from psycopg import sql
 
+from children import exit_code
 from mailqd.compose import OutgoingMessage
 from mailqd.config import Settings
 from mailqd.daemon.heartbeat import Heartbeat, WorkerIdentity
@@ -477,7 +478,7 @@ def test_run_worker_in_a_forked_process_beats_ignores_sigint_and_stops_on_sigter
         enqueue(store)
         smtp_server.wait_for_messages(2)
         os.kill(pid, signal.SIGTERM)
-        assert _exit_status(pid, DEADLINE) == 0
+        assert exit_code(pid, DEADLINE) == 0
     finally:
         with contextlib.suppress(ProcessLookupError, ChildProcessError):
             os.kill(pid, signal.SIGKILL)
@@ -632,17 +633,6 @@ class _GatedTransport:
 
     async def close(self) -> None:
         await self._inner.close()
-
-
-def _exit_status(pid: int, timeout: float) -> int:
-    """The child's exit code, polling with a deadline (waitpid itself cannot time out)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.01)
-    raise TimeoutError(f"worker {pid} did not exit within {timeout} s")
 
 
 def _free_port() -> int:
