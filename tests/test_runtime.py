@@ -107,8 +107,12 @@ def test_sighup_builds_a_new_runtime_and_a_bad_reload_keeps_the_old_one(
         new_key = tmp_path / "new.key"
         generate_key_file(new_key)
         key_file.write_bytes(new_key.read_bytes())
+        [old_worker] = daemon.wait_for_workers(1)
         daemon.send(signal.SIGHUP)
         daemon.wait_for_event("configuration reloaded")
+        # The old generation finishes what it holds and may still claim until it
+        # stops; the new key's mail is for the new generation only.
+        daemon.wait_for(lambda: old_worker not in daemon.worker_pids(), "the old worker gone")
         _wait_sent(daemon, store, _enqueue_sealed(migrated_sqlite, new_key))
 
         key_file.write_text("not a key\n")  # a bad reload: logged, the new key stays
