@@ -9,7 +9,8 @@ agree on what is due and what has expired.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any
 
@@ -89,16 +90,15 @@ class JobLeases:
         """
         if limit <= 0:
             return ScreenedClaim([])
-        db = self._db
-        params = {"b_limit": limit, "b_owner": owner, "b_lease": lease_seconds}
-        try:
-            with db.one_statement() as conn:
-                result = conn.execute(_claim_for(now), params)
-                claimed = rows.read_claimed(conn, db.dialect.checks_row_types, result, owner)
-        except rows.RereadNeeded:
-            with db.begin() as conn:
-                claimed = rows.claim_by_rowid(conn, _claim_for(now, rowids=True), params, owner)
-        return ScreenedClaim(claimed.in_claim_order(), unreadable=claimed.unreadable)
+        return self._claim(
+            owner,
+            {"b_limit": limit, "b_owner": owner, "b_lease": lease_seconds},
+            now,
+            self._db.one_statement,
+            lambda _conn, claimed: ScreenedClaim(
+                claimed.in_claim_order(), unreadable=claimed.unreadable
+            ),
+        )
 
     def claim_screened(
         self,
@@ -116,17 +116,38 @@ class JobLeases:
         """
         if limit <= 0:
             return ScreenedClaim([])
+        return self._claim(
+            owner,
+            {"b_limit": limit, "b_owner": owner, "b_lease": lease_seconds},
+            now,
+            self._db.begin,
+            lambda conn, claimed: self._screen(conn, claimed, rules, owner),
+        )
+
+    def _claim(
+        self,
+        owner: str,
+        params: dict[str, object],
+        now: datetime | None,
+        connect: Callable[[], AbstractContextManager[sa.Connection]],
+        finish: Callable[[sa.Connection, rows.Claimed], ScreenedClaim],
+    ) -> ScreenedClaim:
+        """Run the claim in `connect()`'s connection and `finish` there with the rows read.
+
+        When a row cannot even be fetched (`rows.RereadNeeded`, SQLite's
+        undecodable text), the claim runs again in a transaction of its own
+        returning rowids, and its rows are read one by one.
+        """
         db = self._db
-        params = {"b_limit": limit, "b_owner": owner, "b_lease": lease_seconds}
         try:
-            with db.begin() as conn:
+            with connect() as conn:
                 result = conn.execute(_claim_for(now), params)
                 claimed = rows.read_claimed(conn, db.dialect.checks_row_types, result, owner)
-                return self._screen(conn, claimed, rules, owner)
+                return finish(conn, claimed)
         except rows.RereadNeeded:
             with db.begin() as conn:
                 claimed = rows.claim_by_rowid(conn, _claim_for(now, rowids=True), params, owner)
-                return self._screen(conn, claimed, rules, owner)
+                return finish(conn, claimed)
 
     def _screen(
         self, conn: sa.Connection, claimed: rows.Claimed, rules: ScreenRules, owner: str
