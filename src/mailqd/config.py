@@ -18,6 +18,14 @@ from typing import Any
 
 from mailqd.credentials import redact_url, smtp_password_source
 from mailqd.errors import ConfigError
+from mailqd.routes import (
+    RelayPlan,
+    RelaySpec,
+    RouteSpec,
+    parse_relays,
+    parse_routes,
+    relays_from_url,
+)
 
 ENV_PREFIX = "MAILQD_"
 DEFAULT_METRICS_PORT = 9478
@@ -63,6 +71,19 @@ class Settings:
     # Template render budget (docs/templates.md).
     template_render_seconds: float = 1.0
     template_max_output_bytes: int = 1_000_000
+    # Relays and the delivery model (docs/operations.md, "Delivery model").
+    queue_lifetime: float = 5 * 86400.0
+    """Seconds a job may stay queued, however often its relay was down; then it expires."""
+    relay_failure_threshold: int = 3
+    """Consecutive relay failures (all workers together) that mark a relay down."""
+    relay_probe_interval: float = 5.0
+    """Seconds from marking a relay down to its first probe; doubled after each failed probe ..."""
+    relay_probe_max: float = 300.0
+    """... up to this."""
+    relays: tuple[RelaySpec, ...] = ()
+    """TOML `[relays.NAME]` tables; when given, they replace `smtp_url`."""
+    routes: tuple[RouteSpec, ...] = ()
+    """TOML `[[routes]]`: recipient/sender domains → relays in failover order."""
 
     @property
     def domain_rates(self) -> dict[str, float]:
@@ -79,6 +100,9 @@ class Settings:
         )
         return f"Settings({', '.join(shown)})"
 
+
+# Keys only a TOML file can set (tables), parsed by `mailqd.routes`.
+_TABLE_KEYS = {"relays": parse_relays, "routes": parse_routes}
 
 # Keys whose values may hold a password: shown redacted, never quoted in errors.
 _URL_KEYS = frozenset({"database_url", "smtp_url"})
@@ -115,6 +139,10 @@ _RULES: dict[str, dict[str, Any]] = {
     "recipient_hourly_cap": {"low": 0},
     "template_render_seconds": {"low": 0.01},
     "template_max_output_bytes": {"low": 1024},
+    "queue_lifetime": {"low": 1},
+    "relay_failure_threshold": {"low": 1},
+    "relay_probe_interval": {"low": 0.1},
+    "relay_probe_max": {"low": 0.1},
 }
 
 
@@ -136,6 +164,8 @@ def load_settings(
     if path:
         raw.update(_read_toml(Path(path)))
     for public in key_names():
+        if public in _TABLE_KEYS:
+            continue  # tables: TOML only
         value = env.get(ENV_PREFIX + public.upper())
         if value is not None and value != "":
             raw[public] = value
@@ -173,6 +203,9 @@ def _coerce_all(raw: Mapping[str, Any]) -> dict[str, Any]:
         if public not in known:
             raise ConfigError(public, "unknown key; known keys: " + ", ".join(sorted(known)))
         name = _ALIASES.get(public, public)
+        if name in _TABLE_KEYS:
+            result[name] = _TABLE_KEYS[name](value)
+            continue
         result[name] = _coerce(public, value, types[name])
     return result
 
@@ -214,6 +247,9 @@ def _validated(settings: Settings) -> Settings:
     _check_listen(settings.metrics_listen)
     parse_domain_rates(settings.domain_rate_limits)
     smtp_password_source(settings, env={})  # two passwords set: say so before anything runs
+    if settings.relay_probe_max < settings.relay_probe_interval:
+        raise ConfigError("relay_probe_max", "must be at least relay_probe_interval")
+    relay_plan(settings)  # routes name defined relays; smtp_url not empty
     if settings.backoff_max < settings.backoff_base:
         raise ConfigError("backoff_max", "must be at least backoff_base")
     if settings.template_render_seconds > settings.heartbeat_timeout:
@@ -241,7 +277,7 @@ def parse_domain_rates(text: str) -> dict[str, float]:
         name, sep, number = (part.strip() for part in entry.partition("="))
         if not sep:
             raise ConfigError("domain_rate_limits", f"{entry!r} is not DOMAIN=RATE")
-        domain = _rate_limited_domain(name)
+        domain = rate_limited_domain(name)
         if domain is None:
             raise ConfigError("domain_rate_limits", f"{entry!r}: {name!r} is not a domain name")
         try:
@@ -259,7 +295,13 @@ def parse_domain_rates(text: str) -> dict[str, float]:
     return rates
 
 
-def _rate_limited_domain(name: str) -> str | None:
+def relay_plan(settings: Settings) -> RelayPlan:
+    """The relays (TOML `relays`, else `smtp_url`'s URLs) and routes; `ConfigError` if wrong."""
+    relays = settings.relays or relays_from_url(settings.smtp_url)
+    return RelayPlan.build(relays, settings.routes)
+
+
+def rate_limited_domain(name: str) -> str | None:
     """`name` lower-cased in A-labels, as recipients' domains are sent and compared;
     None if it is no DNS name (`mailqd.rules.domains`, the rule for every domain)."""
     from mailqd.rules.domains import ascii_dns_name, is_dns_name

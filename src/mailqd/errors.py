@@ -154,6 +154,40 @@ class TransientDeliveryError(DeliveryError):
     """4xx reply, timeout or connection error: retry later with backoff."""
 
 
+class RelayUnavailableError(TransientDeliveryError):
+    """The relay, not the message, failed: it could not be reached or refused the session.
+
+    Raised for a refused or reset connection, a timeout or a 4xx (421)
+    before `MAIL FROM`, and TLS or AUTH failures. The job is deferred
+    without using an attempt, and the relay's circuit breaker counts it.
+    `reason` is one of `RELAY_REASONS`; `relay` is the relay's name once the
+    routed transport knows it.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        reason: str,
+        smtp_code: int | None = None,
+        smtp_text: str | None = None,
+        *,
+        relay: str | None = None,
+    ) -> None:
+        super().__init__(message, smtp_code, smtp_text)
+        self.reason = reason
+        self.relay = relay
+
+    @property
+    def opens_breaker_now(self) -> bool:
+        """TLS and AUTH failures are configuration, not luck: stop every worker at once."""
+        return self.reason in ("tls", "auth")
+
+
+RELAY_REASONS = ("refused", "timeout", "closed", "unavailable", "tls", "auth", "down")
+"""Why a relay failed: connection refused/reset, timed out, closed, 4xx/421 session reply,
+TLS failure, AUTH failure; `down` is a send not tried because the relay was marked down."""
+
+
 class PermanentDeliveryError(DeliveryError):
     """5xx reply or a message that can never be sent: fail the job now."""
 

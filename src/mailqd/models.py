@@ -112,6 +112,27 @@ class Attempt:
     worker: str | None = None
 
 
+class RecipientStatus(enum.StrEnum):
+    """What became of one recipient (`email_recipients.status`)."""
+
+    ACCEPTED = "accepted"  # a relay accepted the message for it
+    REFUSED = "refused"  # refused permanently (5xx to RCPT): not retried
+    PENDING = "pending"  # refused temporarily, or its route's relays were down: retried
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientResult:
+    """One recipient's result, kept when a job's recipients did not all fare alike."""
+
+    address: str
+    status: RecipientStatus
+    smtp_code: int | None = None
+    smtp_text: str | None = None
+    relay: str | None = None
+    attempt: int = 0
+    updated_at: datetime | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class QueueCounts:
     """How many jobs are in each status, and how late the oldest due job is."""

@@ -401,3 +401,7 @@ recipient_counts = sa.Table(
     sa.Column("recipient", sa.String(320), primary_key=True),
     sa.Column("sent", sa.Integer, nullable=False),
 )
+
+# The relay layer's tables (relay health, relays, per-recipient results, audit)
+# are defined in their own module, on this metadata.
+from mailqd.store import relay_tables as _relay_tables  # noqa: E402, F401

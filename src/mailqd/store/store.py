@@ -7,6 +7,7 @@ store that owns that role, reachable directly too:
 - `store.jobs` (`mailqd.store.jobs`): the lease protocol workers follow;
 - `store.changes` (`mailqd.store.changes`): what operators change and clean up;
 - `store.stats` (`mailqd.store.stats`): counts and gauges;
+- `store.relay_health` (`mailqd.store.relay_health`): the relays' circuit breakers;
 - `store.templates` (`mailqd.store.templates`), and `RateLimits(store)`
   (`mailqd.store.ratelimit`) for the token buckets;
 - enqueueing is `mailqd.store.enqueue`, screening `mailqd.store.screening`.
@@ -33,6 +34,7 @@ from mailqd.store.database import Database
 from mailqd.store.engine import make_engine
 from mailqd.store.enqueue import PsycopgWriter, SqlAlchemyWriter, write_jobs
 from mailqd.store.jobs import LONGEST_LEASE, JobLeases
+from mailqd.store.relay_health import RelayHealthStore
 from mailqd.store.screening import ScreenedClaim, ScreenRules
 from mailqd.store.sql import at_time
 from mailqd.store.stats import Statistics
@@ -58,6 +60,8 @@ class Store:
         self.stats = Statistics(self.database)
         self.templates = TemplateStore(self.database)
         """The message templates (`mailqctl templates`), in the same database."""
+        self.relay_health = RelayHealthStore(self.database)
+        """The relays' circuit breakers, shared by every worker (`mailqd.breaker`)."""
 
     @classmethod
     def from_url(cls, url: str, **engine_kwargs: Any) -> Store:

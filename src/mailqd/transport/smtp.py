@@ -45,14 +45,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import ssl
 
 import aiosmtplib
-from aiosmtplib import SMTPHeloError
+from aiosmtplib import SMTPAuthenticationError, SMTPHeloError, SMTPTimeoutError
 
 from mailqd.errors import (
     AmbiguousDeliveryError,
     DeliveryError,
     PermanentDeliveryError,
+    RelayUnavailableError,
     TransientDeliveryError,
 )
 from mailqd.message import OutgoingMessage
@@ -66,6 +68,7 @@ from mailqd.transport.replies import (
     Reply,
     ReplyError,
     ReplyReader,
+    ReplyTimeout,
 )
 from mailqd.transport.settings import SmtpSettings, StartTLS
 
@@ -198,14 +201,13 @@ class SmtpTransport:
         if settings.username is not None:
             self._phase = _Phase.AUTH
             if not self._tls_active() and settings.starttls is not StartTLS.OFF:
-                raise TransientDeliveryError(
+                raise RelayUnavailableError(
                     f"SMTP {self._server}: refusing to send the SMTP password over an "
                     "unencrypted connection (the server offered no STARTTLS); use smtps://, "
-                    "enable STARTTLS on the server, or set starttls=off to allow it"
+                    "enable STARTTLS on the server, or set starttls=off to allow it",
+                    "tls",
                 )
-            await self._client.login(
-                settings.username, settings.password or "", timeout=settings.timeouts.command
-            )
+            await self._log_in(settings.username, settings.password or "")
         transport = self._client.transport
         if transport is None or transport.is_closing():
             raise ConnectionClosed("connection lost after set-up")
@@ -214,6 +216,24 @@ class SmtpTransport:
         self._pipelined = settings.pipelining and offers("pipelining")
         self._reader = ReplyReader(transport)
         return self._reader
+
+    async def _log_in(self, username: str, password: str) -> None:
+        """One AUTH exchange, with the first mechanism both sides support.
+
+        Not aiosmtplib's `login`, which tries every mechanism in turn: with
+        a wrong password that is two or three failed logins per connection,
+        the way to get a provider account locked.
+        """
+        mechanisms = self._client.supported_auth_methods
+        if not mechanisms:
+            raise RelayUnavailableError(
+                f"SMTP {self._server}: AUTH failed: the server offers no AUTH mechanism "
+                "mailqd supports (PLAIN, LOGIN, CRAM-MD5)",
+                "auth",
+            )
+        preferred = "plain" if "plain" in mechanisms else mechanisms[0]
+        log_in = getattr(self._client, f"auth_{preferred.replace('-', '')}")
+        await log_in(username, password, timeout=self._settings.timeouts.command)
 
     async def _greet(self) -> None:
         try:
@@ -227,9 +247,10 @@ class SmtpTransport:
             await self._client.starttls(timeout=self._settings.timeouts.connect)
             await self._greet()  # RFC 3207: forget what was learnt before TLS
         elif self._settings.starttls is StartTLS.REQUIRED:
-            raise TransientDeliveryError(
+            raise RelayUnavailableError(
                 f"SMTP {self._server}: the server does not offer STARTTLS, and the SMTP URL "
-                "requires it (starttls=required)"
+                "requires it (starttls=required)",
+                "tls",
             )
 
     def _tls_active(self) -> bool:
@@ -330,6 +351,9 @@ class SmtpTransport:
                 "receiver can de-duplicate"
             )
         where = f"SMTP {self._server}: {phase.value} failed: {detail}"
+        reason = _relay_reason(exc, phase, code)
+        if reason is not None:
+            return RelayUnavailableError(where, reason, code, text)
         if code is not None and code >= 500 and not phase.is_setup:
             return PermanentDeliveryError(where, code, text)
         if isinstance(exc, ValueError) and not phase.is_setup:
@@ -362,3 +386,33 @@ class SmtpTransport:
             with contextlib.suppress(ReplyError):
                 self._reader.send(b"QUIT\r\n", 1)
         self._drop()
+
+
+def _relay_reason(exc: Exception, phase: _Phase, code: int | None) -> str | None:
+    """Why the relay (not the message) failed, or None when the failure is the message's.
+
+    Everything while setting the session up is the relay's: connecting, the
+    greeting, EHLO, STARTTLS and AUTH. After that, a 421 (the server is
+    closing the session) or a reset or closed connection before the content
+    was sent is too; a timeout or a 4xx/5xx reply to MAIL, RCPT or DATA is
+    about this message, as is anything once the content was sent.
+    """
+    if phase is _Phase.DATA_SENT:
+        return None
+    if phase.is_setup:
+        if phase is _Phase.AUTH and (code is not None or isinstance(exc, SMTPAuthenticationError)):
+            return "auth"
+        if phase is _Phase.STARTTLS or isinstance(exc, ssl.SSLError):
+            return "tls"
+        if isinstance(exc, ReplyTimeout | SMTPTimeoutError | TimeoutError):
+            return "timeout"
+        if code is not None:
+            return "unavailable"
+        if isinstance(exc, ConnectionRefusedError):
+            return "refused"
+        return "closed" if isinstance(exc, ConnectionError | ConnectionClosed) else "refused"
+    if code == SERVICE_CLOSING:
+        return "unavailable"
+    if code is None and isinstance(exc, ConnectionError | ConnectionClosed):
+        return "closed"
+    return None
