@@ -17,7 +17,8 @@ import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
-from mailqd.models import Attempt, Job, NewJob, Outcome, Status
+from mailqd.breaker import BreakerPolicy, RelayState, after_failure, after_success
+from mailqd.models import Attempt, Job, NewJob, Outcome, RecipientStatus, Status
 from mailqd.store import Completion
 from mailqd.store.screening import ScreenedClaim, ScreenRules
 from mailqd.store.store import LONGEST_LEASE
@@ -28,6 +29,7 @@ _NEXT_STATUS = {
     Outcome.SENT: Status.SENT,
     Outcome.RETRY: Status.PENDING,
     Outcome.AMBIGUOUS: Status.PENDING,
+    Outcome.DEFERRED: Status.PENDING,
     Outcome.FAILED: Status.FAILED,
     Outcome.EXPIRED: Status.FAILED,
 }
@@ -48,6 +50,18 @@ class FakeStore:
         self.nows: list[tuple[str, datetime | None]] = []
         """Each call's `now=` argument, to check that an injected clock reaches it."""
         self._lock = threading.Lock()
+        self.relay_health = FakeRelayHealth(self.clock)
+        self.recipient_ledger = self
+        self.recipient_rows: dict[tuple[str, str], RecipientStatus] = {}
+
+    def settled(self, job_id: str) -> frozenset[str]:
+        """`Store.recipient_ledger.settled`: accepted or refused recipients of the job."""
+        with self._lock:
+            return frozenset(
+                address
+                for (job, address), status in self.recipient_rows.items()
+                if job == job_id and status is not RecipientStatus.PENDING
+            )
 
     # -- what tests set up and read -------------------------------------------------
 
@@ -116,6 +130,8 @@ class FakeStore:
         with self._lock:
             self._called("complete", now)
             for c in completions:
+                for r in c.recipients:
+                    self.recipient_rows[(c.job_id, r.address)] = r.status
                 self.attempt_rows.append(
                     Attempt(
                         c.job_id,
@@ -134,7 +150,7 @@ class FakeStore:
                 self._change(
                     c.job_id,
                     status=status,
-                    attempts=job.attempts + 1,
+                    attempts=job.attempts + (0 if c.outcome is Outcome.DEFERRED else 1),
                     last_error=None if c.outcome is Outcome.SENT else c.error,
                     lease_owner=None,
                     lease_expires_at=None,
@@ -259,3 +275,63 @@ def _job(new: NewJob, at: datetime) -> Job:
         updated_at=at,
         sent_at=None,
     )
+
+
+class FakeRelayHealth:
+    """`Store.relay_health` in memory: the same rules (`mailqd.breaker`), one lock."""
+
+    def __init__(self, clock: Callable[[], datetime]) -> None:
+        self._clock = clock
+        self._states: dict[str, RelayState] = {}
+        self._lock = threading.Lock()
+
+    def states(self) -> list[RelayState]:
+        with self._lock:
+            return sorted(self._states.values(), key=lambda s: s.relay)
+
+    def failed(
+        self,
+        relay: str,
+        *,
+        reason: str,
+        error: str,
+        policy: BreakerPolicy,
+        opens_now: bool,
+        owner: str,
+        now: datetime | None = None,
+    ) -> RelayState:
+        with self._lock:
+            state = after_failure(
+                self._states.get(relay, RelayState(relay)),
+                reason=reason,
+                error=error,
+                at=now or self._clock(),
+                policy=policy,
+                opens_now=opens_now,
+                owner=owner,
+            )
+            self._states[relay] = state
+            return state
+
+    def succeeded(self, relay: str, now: datetime | None = None) -> RelayState | None:
+        with self._lock:
+            state = self._states.get(relay)
+            if state is None or state.clean:
+                return None
+            self._states[relay] = after_success(state, now or self._clock())
+            return self._states[relay]
+
+    def take_probe(self, relay: str, owner: str, now: datetime | None = None) -> RelayState | None:
+        at = now or self._clock()
+        with self._lock:
+            state = self._states.get(relay)
+            if state is None or not state.probe_due(at):
+                return None
+            taken = dataclasses.replace(
+                state,
+                probe_owner=owner,
+                probe_at=at + timedelta(seconds=state.probe_interval),
+                updated_at=at,
+            )
+            self._states[relay] = taken
+            return taken

@@ -379,23 +379,27 @@ def test_worker_early_250_leaves_the_job_ambiguous_and_sends_the_next(
 
 
 def test_worker_stores_echoed_credentials_redacted(store: Store, db_url: str) -> None:
+    """An AUTH refusal that echoes the credentials: a relay failure (the job deferred, the
+    relay marked down), and wherever its text is kept, the secrets are masked."""
     scripts = [Script(auth="PLAIN", replies={"AUTH": ECHO}), Script(auth="PLAIN")]
 
     async def scenario() -> None:
         async with ScriptedRelay(*scripts) as relay:
             url = relay.url(f"{USER.replace('@', '%40')}:{PASSWORD}")
-            settings = worker_settings(db_url, url, backoff_base=3600.0, backoff_max=3600.0)
-            await work_until(store, settings, lambda t: t.retried >= 1 and t.sent >= 1)
+            settings = worker_settings(db_url, url, relay_probe_interval=0.2)
+            await work_until(store, settings, lambda t: t.deferred >= 1 and t.sent >= 2)
             assert PLAIN.encode() in relay.connections[0].auth_sent
 
     job_ids = enqueue_two(store)
     run(scenario)
 
-    assert outcomes(store, job_ids) == [[Outcome.RETRY], [Outcome.SENT]]
-    [current] = [store.get(j) for j in job_ids if store.get(j).status is Status.PENDING]
-    [attempt] = store.attempts(current.id)
-    assert attempt.smtp_code == 535
-    for text in (current.last_error, attempt.smtp_text):
+    assert [store.get(j).status for j in job_ids] == [Status.SENT, Status.SENT]
+    [deferred] = [
+        a for j in job_ids for a in store.attempts(j) if a.outcome is Outcome.DEFERRED
+    ]
+    assert deferred.smtp_code == 535
+    [relay_state] = store.relay_health.states()
+    for text in (deferred.smtp_text, relay_state.last_error):
         assert_clean(text)
         assert "535" in (text or "") and "***" in (text or "")
 

@@ -134,12 +134,13 @@ def test_runtime_build_reads_the_files_once_and_names_a_bad_key(tmp_path: Path) 
     sealed = runtime.secrets.seal({"a": 1}) if runtime.secrets else None
     assert sealed is not None and runtime.secrets is not None
     assert runtime.secrets.open(sealed) == {"a": 1}
-    assert runtime.transport_factory()() is not runtime.transport_factory()()
+    make = runtime.transport_factories()["relay1"]
+    assert make() is not make()
     with pytest.raises(ConfigError, match="secrets_key_file"):
         Runtime.build(Settings(secrets_key_file=str(key_file)))
     with pytest.raises(ConfigError, match="smtp_url"):
         Runtime.build(Settings(smtp_url="smtp://"))
-    assert Runtime.build(Settings(smtp_url="smtp://"), transport=False).new_transport is None
+    assert Runtime.build(Settings(smtp_url="smtp://"), transport=False).relay_factories is None
 
 
 # -- Client: the key file explicitly, or the environment through from_env ----------------

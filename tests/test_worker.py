@@ -265,16 +265,20 @@ def test_partial_refusal_is_sent_and_names_the_refused_recipient(
     assert smtp_server.messages[0].rcpt_tos == ("ok@example.com",)
 
 
-def test_smtp_server_down_is_retried_and_delivered_when_it_returns(
+def test_smtp_server_down_defers_without_using_attempts_and_delivers_when_it_returns(
     store: Store, db_url: str
 ) -> None:
+    """A relay outage is not the message's fault (#16): deferred, attempts untouched."""
     port = _free_port()
-    settings = make_settings(db_url, f"smtp://127.0.0.1:{port}", max_attempts=50)
+    settings = make_settings(
+        db_url, f"smtp://127.0.0.1:{port}", max_attempts=1, relay_probe_interval=0.2,
+        relay_probe_max=0.4,
+    )
     [job_id] = enqueue(store)
 
     async def scenario() -> None:
         async with running(Worker(settings, store, "w1", smtp_factory(settings))) as worker:
-            await worker.wait_until(lambda t: t.retried >= 2, DEADLINE)
+            await worker.wait_until(lambda t: t.deferred >= 2, DEADLINE)
             server = SmtpServer(port=port)
             await asyncio.to_thread(server.start)
             try:
@@ -285,12 +289,18 @@ def test_smtp_server_down_is_retried_and_delivered_when_it_returns(
 
     run(scenario)
     job = store.get(job_id)
-    assert job.status is Status.SENT and job.attempts >= 3
-    assert store.attempts(job_id)[0].outcome is Outcome.RETRY
+    assert job.status is Status.SENT and job.attempts == 1  # only the attempt that sent it
+    outcomes = [a.outcome for a in store.attempts(job_id)]
+    assert outcomes[0] is Outcome.DEFERRED and outcomes[-1] is Outcome.SENT
+    assert set(outcomes[:-1]) == {Outcome.DEFERRED}
 
 
-def test_transient_failures_give_up_at_max_attempts(store: Store, db_url: str) -> None:
-    settings = make_settings(db_url, f"smtp://127.0.0.1:{_free_port()}")
+def test_transient_failures_give_up_at_max_attempts(
+    store: Store, db_url: str, smtp_server: SmtpServer
+) -> None:
+    """The message's own temporary refusals (4xx to MAIL) use its attempts, then fail it."""
+    settings = make_settings(db_url, smtp_server.url())
+    smtp_server.mail_replies.extend(["451 4.3.0 try later"] * 2)
     [job_id] = enqueue(store, max_attempts=2)
 
     async def scenario() -> None:

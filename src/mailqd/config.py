@@ -110,7 +110,9 @@ _SECRET_KEYS = _URL_KEYS | {"smtp_password"}
 
 
 def _shown(name: str, value: Any) -> str:
-    return repr(redact_url(value) if name in _URL_KEYS else value)
+    if name in _URL_KEYS:
+        return repr(" ".join(redact_url(url) for url in value.split()))
+    return repr(value)
 
 
 # Names in the file and environment that differ from the attribute name.

@@ -27,6 +27,7 @@ This module is imported by `mailqd.config`, so it imports nothing heavy.
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -95,6 +96,11 @@ def check_userinfo(url: str, key: str) -> None:
         raise ConfigError(key, f"an '@' comes after a / ? or #; {ESCAPE_HINT}")
 
 
+def url_user_and_password(url: str) -> tuple[str | None, str | None]:
+    """The user and password written in a URL (raw text), each None when absent."""
+    _, user, password, _ = _userinfo(url)
+    return user or None, password
+
 def url_password(url: str) -> str | None:
     """The password written in a URL (as written, still percent-encoded), if any."""
     return _userinfo(url)[2] or None
@@ -122,7 +128,7 @@ def smtp_password_source(settings: Settings, env: Mapping[str, str] | None = Non
     explicit = [
         key
         for key, present in (
-            ("smtp_url", url_password(settings.smtp_url) is not None),
+            ("smtp_url", any(url_password(u) is not None for u in settings.smtp_url.split())),
             ("smtp_password", bool(settings.smtp_password)),
             ("smtp_password_file", bool(settings.smtp_password_file)),
         )
@@ -137,6 +143,24 @@ def smtp_password_source(settings: Settings, env: Mapping[str, str] | None = Non
         return explicit[0]
     credential = _credential_path(os.environ if env is None else env)
     return f"credential {CREDENTIAL_NAME}" if credential is not None else None
+
+
+def shared_smtp_password(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
+    """The SMTP password set outside the URLs, for relays whose URL names a user only.
+
+    With one relay from `smtp_url` this is `smtp_password` (and its checks);
+    with several relays it is whichever of `smtp_password`,
+    `smtp_password_file` or the systemd credential is set, or None.
+    """
+    env = os.environ if env is None else env
+    if not settings.relays and len(settings.smtp_url.split()) <= 1:
+        return smtp_password(settings, env)
+    if settings.smtp_password:
+        return settings.smtp_password
+    if settings.smtp_password_file:
+        return read_password_file(Path(settings.smtp_password_file), "smtp_password_file")
+    path = _credential_path(env)
+    return read_password_file(path, "smtp_url") if path is not None else None
 
 
 def smtp_password(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
@@ -206,16 +230,22 @@ def secrets_of(settings: Settings, env: Mapping[str, str] | None = None) -> tupl
     reading it fails elsewhere, with its own error).
     """
     values: set[str] = set()
-    for url in (settings.database_url, settings.smtp_url):
+    urls = [settings.database_url, *settings.smtp_url.split(), *(r.url for r in settings.relays)]
+    for url in urls:
         password = url_password(url)
         if password:
             values.update((password, unquote(password)))
     try:
-        resolved = smtp_password(settings, env)
+        resolved = shared_smtp_password(settings, env)
     except ConfigError:
         resolved = settings.smtp_password or None
     if resolved:
         values.add(resolved)
+    for relay in settings.relays:
+        values.add(relay.password)
+        if relay.password_file:
+            with contextlib.suppress(ConfigError):
+                values.add(read_password_file(Path(relay.password_file), "password_file"))
     printed = {form for value in values for form in _printed_forms(value)}
     # Longest first, so that a secret containing another is replaced whole.
     kept = (v for v in printed if len(v) >= _MIN_SCRUBBED_LENGTH)

@@ -176,6 +176,8 @@ class RelayUnavailableError(TransientDeliveryError):
         super().__init__(message, smtp_code, smtp_text)
         self.reason = reason
         self.relay = relay
+        self.retry_after: float | None = None
+        """Seconds until a relay of the route may be tried again, when the sender knows."""
 
     @property
     def opens_breaker_now(self) -> bool:

@@ -17,15 +17,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 
-from mailqd.config import Settings
-from mailqd.credentials import secrets_of, smtp_password
+from mailqd.breaker import BreakerPolicy
+from mailqd.config import Settings, relay_plan
+from mailqd.credentials import secrets_of, shared_smtp_password
 from mailqd.daemon.retry import BackoffPolicy
 from mailqd.rules import Limits
 from mailqd.secrets import SecretBox, load_secret_box, unseal_variables
 from mailqd.signing import DkimSigner
 from mailqd.store.screening import ScreenRules
 from mailqd.templating.sandbox import RenderBudget
-from mailqd.transport.url import TransportFactory, transport_factory
+from mailqd.routes import RelayPlan
+from mailqd.transport.url import TransportFactory, relay_factories
 
 __all__ = ["Runtime", "screen_rules"]
 
@@ -35,14 +37,17 @@ class Runtime:
     """The settings and every part resolved from them, shared by the supervisor's workers."""
 
     settings: Settings
-    new_transport: TransportFactory | None = field(repr=False)
-    """Makes one slot's transport from the parsed `smtp_url`; None when built without one."""
+    relays: RelayPlan
+    relay_factories: dict[str, TransportFactory] | None = field(repr=False)
+    """Each relay's transport factory (its URL parsed, its password resolved); None when
+    built without a transport."""
     secrets: SecretBox | None
     signer: DkimSigner | None
     limits: Limits
     backoff: BackoffPolicy
     screening: ScreenRules | None
     render_budget: RenderBudget
+    breaker: BreakerPolicy
     log_secrets: tuple[str, ...] = field(repr=False)
     """Every form of every secret the logs must mask (`mailqd.credentials.secrets_of`)."""
 
@@ -53,27 +58,31 @@ class Runtime:
         `transport=False` skips the SMTP URL and password, for an in-process
         `Worker` given its own transport factory (tests, `mailqctl drain`).
         """
-        new_transport = None
+        plan = relay_plan(settings)
+        factories = None
         if transport:
-            new_transport = transport_factory(settings, smtp_password(settings))
+            password = shared_smtp_password(settings)
+            factories = relay_factories(plan, password, settings.smtp_timeout)
         secrets = load_secret_box(settings.secrets_key_file)
         return cls(
             settings=settings,
-            new_transport=new_transport,
+            relays=plan,
+            relay_factories=factories,
             secrets=secrets,
             signer=DkimSigner.from_settings(settings),
             limits=Limits.from_settings(settings),
             backoff=BackoffPolicy.from_settings(settings),
             screening=screen_rules(settings, secrets),
             render_budget=RenderBudget.from_settings(settings),
+            breaker=BreakerPolicy.from_settings(settings),
             log_secrets=secrets_of(settings),
         )
 
-    def transport_factory(self) -> TransportFactory:
-        """The slots' transport factory; a runtime built with `transport=False` has none."""
-        if self.new_transport is None:
+    def transport_factories(self) -> dict[str, TransportFactory]:
+        """Each relay's transport factory; a runtime built with `transport=False` has none."""
+        if self.relay_factories is None:
             raise RuntimeError("this runtime was built without a transport")
-        return self.new_transport
+        return self.relay_factories
 
 
 def screen_rules(settings: Settings, secrets: SecretBox | None = None) -> ScreenRules | None:

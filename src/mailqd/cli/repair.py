@@ -180,11 +180,12 @@ async def _drain(
     settings: Settings, store: Store, limit: int | None, advance: Callable[[int], None]
 ) -> BatchResult:
     # Imported here: the daemon's code (asyncio, SMTP) is only needed by this command.
-    from mailqd.daemon.worker import Worker, checked_transport_factory
+    from mailqd.daemon.worker import Worker
+    from mailqd.runtime import Runtime
 
-    make_transport = await checked_transport_factory(settings)
+    runtime = Runtime.build(settings)  # a bad smtp_url fails here, before anything is claimed
     owner = f"mailqctl-drain@{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-    async with Worker(settings, store, owner, make_transport, listen=False) as worker:
+    async with Worker(settings, store, owner, listen=False, runtime=runtime) as worker:
         while limit is None or worker.totals.claimed < limit:
             want = None if limit is None else limit - worker.totals.claimed
             batch = await worker.run_once(want)

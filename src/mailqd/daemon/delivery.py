@@ -9,11 +9,14 @@ message cannot stop a worker.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import random
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import structlog
 
@@ -25,12 +28,14 @@ from mailqd.errors import (
     AmbiguousDeliveryError,
     DeliveryError,
     PermanentDeliveryError,
+    RelayUnavailableError,
     SecretsError,
+    StoreError,
     TransientDeliveryError,
     ValidationError,
 )
 from mailqd.logging import mask_address_list, mask_addresses_in
-from mailqd.models import Job, Outcome
+from mailqd.models import Job, Outcome, RecipientResult, RecipientStatus
 from mailqd.rules import Limits
 from mailqd.rules.rows import check_claimed_row
 from mailqd.runtime import Runtime
@@ -39,8 +44,9 @@ from mailqd.signing import DkimSigner
 from mailqd.store import Completion
 from mailqd.templating import RenderBudget, render
 from mailqd.transport import SendResult, Transport
+from mailqd.transport.routed import recipient_results
 
-__all__ = ["Deliverer"]
+__all__ = ["Deliverer", "SettledRecipients"]
 
 log = structlog.get_logger()
 
@@ -62,6 +68,12 @@ class _Attempt:
         return self.number >= self.max_attempts
 
 
+class SettledRecipients(Protocol):
+    """Who of a job's recipients needs nothing more (`Store.recipient_ledger.settled`)."""
+
+    def settled(self, job_id: str) -> frozenset[str]: ...
+
+
 class Deliverer:
     """Runs attempts for one worker (`owner`), by the settings' retry and composition rules.
 
@@ -81,10 +93,13 @@ class Deliverer:
         templates: TemplateCache | None = None,
         secrets: SecretBox | None = None,
         runtime: Runtime | None = None,
+        ledger: SettledRecipients | None = None,
     ):
         self._settings = settings
         self._owner = owner
         self._templates = templates
+        self._ledger = ledger
+        self._lifetime = timedelta(seconds=settings.queue_lifetime)
         if runtime is None:
             self._policy = policy or BackoffPolicy.from_settings(settings)
             self._secrets = secrets
@@ -115,14 +130,23 @@ class Deliverer:
             error = f"cannot compose message: unexpected {type(exc).__name__}: {exc}"
             return self._finish(attempt, self._failed(attempt, error))
         try:
+            message = await self._unsettled(job, message)
+        except StoreError as exc:  # retry, rather than send to anyone twice
+            unread = TransientDeliveryError(f"cannot read the recipients' results: {exc}")
+            return self._finish(attempt, self._after_error(attempt, unread, None))
+        if not message.recipients:
+            return self._finish(attempt, self._sent(attempt, SendResult(None, None), message))
+        try:
             result = await transport.send(message)
+        except RelayUnavailableError as exc:
+            return self._finish(attempt, self._relay_failed(attempt, exc, message.message_id))
         except DeliveryError as exc:
             return self._finish(attempt, self._after_error(attempt, exc, message.message_id))
         except Exception as exc:  # a transport bug must not kill the worker; retry is safest
             log.exception("transport raised an unexpected error", job_id=job.id)
             unexpected = TransientDeliveryError(f"unexpected {type(exc).__name__}: {exc}")
             return self._finish(attempt, self._after_error(attempt, unexpected, message.message_id))
-        return self._finish(attempt, self._sent(attempt, result, message.message_id))
+        return self._finish(attempt, self._sent(attempt, result, message))
 
     def crashed(self, job: Job, exc: Exception) -> Completion:
         """The outcome for an attempt that died of a bug in mailqd itself.
@@ -177,7 +201,32 @@ class Deliverer:
             return self._completion(
                 attempt, Outcome.EXPIRED, error=f"expired at {job.expires_at.isoformat()}"
             )
+        if self._past_lifetime(job):
+            return self._completion(attempt, Outcome.EXPIRED, error=self._lifetime_error(job))
         return None
+
+    def _past_lifetime(self, job: Job) -> bool:
+        return job.created_at + self._lifetime <= job.updated_at
+
+    def _lifetime_error(self, job: Job) -> str:
+        days = self._settings.queue_lifetime / 86400
+        last = job.last_error or "no error recorded"
+        return f"queued longer than queue_lifetime ({days:g} days); last error: {last}"
+
+    async def _unsettled(self, job: Job, message: OutgoingMessage) -> OutgoingMessage:
+        """The message for the recipients an earlier attempt did not settle.
+
+        Asked only of a job tried before (a first attempt has no results);
+        an earlier attempt that was accepted for some recipients recorded
+        them, and they are not sent to again.
+        """
+        if self._ledger is None or (job.attempts == 0 and job.last_error is None):
+            return message
+        settled = await asyncio.to_thread(self._ledger.settled, job.id)
+        if not settled:
+            return message
+        remaining = tuple(r for r in message.recipients if r not in settled)
+        return dataclasses.replace(message, recipients=remaining)
 
     async def _content(self, job: Job) -> Job:
         """The job with the subject, text and html that will be sent: its template rendered.
@@ -236,12 +285,59 @@ class Deliverer:
             return message
         return dataclasses.replace(message, data=self._signer.sign(message.data))
 
-    def _sent(self, attempt: _Attempt, result: SendResult, message_id: str) -> Completion:
+    def _sent(self, attempt: _Attempt, result: SendResult, message: OutgoingMessage) -> Completion:
+        """Accepted for some recipients at least: sent, unless some must still be tried.
+
+        Recipients refused for now (4xx to RCPT), or whose route's relays
+        were down, are tried again: the job is pending again (a relay
+        failure uses no attempt) and the next attempt sends to them only.
+        """
+        recipients = tuple(
+            result.recipients
+            or (recipient_results(result, message.recipients) if result.refused else ())
+        )
+        pending = [r for r in recipients if r.status is RecipientStatus.PENDING]
+        if not pending:
+            return self._completion(
+                attempt,
+                Outcome.SENT,
+                smtp_code=result.smtp_code,
+                smtp_text=_describe_acceptance(result),
+                message_id=message.message_id,
+                recipients=recipients,
+            )
+        cause = result.pending_error
+        waiting = f"{len(pending)} recipient(s) still to do: {_describe_acceptance(result)}"
+        if isinstance(cause, RelayUnavailableError):
+            completion = self._relay_failed(attempt, cause, message.message_id, waiting)
+        else:
+            error = TransientDeliveryError(waiting, result.smtp_code, _describe_acceptance(result))
+            completion = self._after_error(attempt, error, message.message_id)
+        return dataclasses.replace(completion, recipients=recipients)
+
+    def _relay_failed(
+        self,
+        attempt: _Attempt,
+        exc: RelayUnavailableError,
+        message_id: str | None,
+        error: str | None = None,
+    ) -> Completion:
+        """The relay failed, not the message: pending again, no attempt used, until the
+        route's next probe (`exc.retry_after`); expired once past `queue_lifetime`."""
+        job = attempt.job
+        if job.created_at + self._lifetime <= datetime.now(UTC):
+            expired = dataclasses.replace(job, last_error=str(exc))
+            return self._completion(
+                attempt, Outcome.EXPIRED, error=self._lifetime_error(expired), message_id=message_id
+            )
+        delay = exc.retry_after or self._settings.relay_probe_interval
         return self._completion(
             attempt,
-            Outcome.SENT,
-            smtp_code=result.smtp_code,
-            smtp_text=_describe_acceptance(result),
+            Outcome.DEFERRED,
+            smtp_code=exc.smtp_code,
+            smtp_text=_reply_text(exc),
+            error=error or str(exc),
+            retry_in_seconds=delay * random.uniform(1.0, 1.1),
             message_id=message_id,
         )
 
@@ -292,6 +388,7 @@ class Deliverer:
         error: str | None = None,
         retry_in_seconds: float = 0.0,
         message_id: str | None = None,
+        recipients: tuple[RecipientResult, ...] = (),
     ) -> Completion:
         return Completion(
             job_id=attempt.job.id,
@@ -305,6 +402,7 @@ class Deliverer:
             error=error,
             retry_in_seconds=retry_in_seconds,
             message_id=message_id,
+            recipients=recipients,
         )
 
     def _finish(self, attempt: _Attempt, completion: Completion) -> Completion:
@@ -334,6 +432,7 @@ _ATTEMPT_LOG_LEVEL = {
     Outcome.SENT: "info",
     Outcome.RETRY: "warning",
     Outcome.AMBIGUOUS: "warning",
+    Outcome.DEFERRED: "warning",
 }
 _LEVEL_NUMBER = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 

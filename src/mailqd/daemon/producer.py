@@ -78,7 +78,12 @@ class ProducerConfig:
 
 
 class Producer:
-    """Claims into `slots`; `start(jobs)` is handed the jobs to send, already held in `held`."""
+    """Claims into `slots`; `start(jobs)` is handed the jobs to send, already held in `held`.
+
+    `claim_limit(free)`, when given, may lower how many to claim (the relay
+    board: none while every relay of the default route is down, one when
+    a probe is due) and says how long to wait when it allows none.
+    """
 
     def __init__(
         self,
@@ -95,8 +100,10 @@ class Producer:
         metrics: WorkerMetrics | None = None,
         log: structlog.typing.FilteringBoundLogger | None = None,
         on_progress: Callable[[], None] | None = None,
+        claim_limit: Callable[[int], tuple[int, float]] | None = None,
     ) -> None:
         self._leases = leases
+        self._claim_limit = claim_limit
         self.config = config
         self._slots = slots
         self._start = start
@@ -124,6 +131,15 @@ class Producer:
                 self._slots.freed.clear()
                 await wait_any(stop, self._slots.freed)
                 continue
+            if self._claim_limit is not None:
+                free, wait = self._claim_limit(free)
+                if free == 0:  # every relay of the default route is down: leave jobs be
+                    backlog = False
+                    self.wake.clear()
+                    if self._events is not None:
+                        self._events.emit("claims_held", wait=wait)
+                    await wait_any(stop, self.wake, timeout=wait)
+                    continue
             self.wake.clear()  # a wake-up during the claim below wakes the next wait
             try:
                 claim, asked = await self.claim(free, stop)

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import signal
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import structlog
 
@@ -40,6 +42,7 @@ from mailqd.daemon.periodic import Periodic, Service
 from mailqd.daemon.ports import Clock, DatabaseClock
 from mailqd.daemon.producer import Producer, ProducerConfig
 from mailqd.daemon.ratelimit import RateLimiter
+from mailqd.daemon.relay_board import RelayBoard
 from mailqd.daemon.rescuer import Rescuer, RescuerConfig
 from mailqd.daemon.screening_purger import ScreeningPurger, ScreeningPurgerConfig
 from mailqd.daemon.slots import Slots
@@ -49,18 +52,20 @@ from mailqd.daemon.totals import BatchResult, as_fields
 from mailqd.errors import DatabaseUnavailableError, StoreError
 from mailqd.metrics import WorkerMetrics
 from mailqd.models import Job
+from mailqd.routes import RelayPlan
 from mailqd.runtime import Runtime, screen_rules
 from mailqd.store import Completion, Store
 from mailqd.store.notify import JobListener, supports_listen
 from mailqd.store.store import LONGEST_LEASE
 from mailqd.transport import Transport
+from mailqd.transport.routed import RoutedTransport
 from mailqd.transport.url import TransportFactory
 
 __all__ = [
     "BatchResult",
     "TransportFactory",
     "Worker",
-    "checked_transport_factory",
+    "connection_caps",
     "run_worker",
     "screen_rules",
 ]
@@ -89,7 +94,7 @@ class Worker:
         settings: Settings,
         store: Store,
         owner: str,
-        transport_factory: TransportFactory,
+        transport_factory: TransportFactory | None = None,
         *,
         heartbeat: Heartbeat | None = None,
         listen: bool | None = None,
@@ -109,17 +114,32 @@ class Worker:
         self._listen = supports_listen(self._database_url()) if listen is None else listen
         self._log = structlog.get_logger().bind(worker=owner)
         self._outage = DatabaseOutage(events=self.events)
-        runtime = runtime or Runtime.build(settings, transport=False)
+        runtime = runtime or Runtime.build(settings, transport=transport_factory is None)
         self._deliverer = Deliverer(
-            settings, owner, templates=TemplateCache(store), runtime=runtime
+            settings,
+            owner,
+            templates=TemplateCache(store),
+            runtime=runtime,
+            ledger=store.recipient_ledger,
         )
         self._metrics = metrics
         self._screen_rules = runtime.screening
-        self._assemble(transport_factory)
+        self._assemble(runtime, transport_factory)
 
-    def _assemble(self, transport_factory: TransportFactory) -> None:
+    def _assemble(self, runtime: Runtime, transport_factory: TransportFactory | None) -> None:
         """Build the parts from the settings; each gets only what its role needs."""
-        self._slots = Slots(self.settings.concurrency, transport_factory)
+        self.relays = self._relay_board(runtime, transport_factory is not None)
+        plan = self.relays.plan
+        factories = (
+            {plan.default_route.relays[0]: transport_factory}
+            if transport_factory is not None
+            else runtime.transport_factories()
+        )
+        caps = connection_caps(plan, self.settings.workers)
+        self._slots = Slots(
+            self.settings.concurrency,
+            partial(RoutedTransport, plan, factories, self.relays, connection_caps=caps),
+        )
         self._completer = Completer(
             self.store, on_recorded=self._recorded, outage=self._outage, clock=self.clock
         )
@@ -129,6 +149,26 @@ class Worker:
         self._sending: dict[str, asyncio.Task[Completion]] = {}
         self._progress = asyncio.Event()
         self._listener: JobListener | None = None
+
+    def _relay_board(self, runtime: Runtime, given_transport: bool) -> RelayBoard:
+        """The relays' breakers; a transport given by the caller is one relay, the first."""
+        plan = runtime.relays
+        if given_transport:
+            first = plan.relays[plan.default_route.relays[0]]
+            plan = RelayPlan.build([first], [])
+        return RelayBoard(
+            self.store.relay_health,
+            plan,
+            runtime.breaker,
+            self.owner,
+            clock=self.clock,
+            events=self.events,
+            metrics=self._metrics,
+            on_up=self._relay_up,
+        )
+
+    def _relay_up(self) -> None:
+        self._producer.wake.set()
 
     def _make_producer(self) -> Producer:
         settings, metrics = self.settings, self._metrics
@@ -158,6 +198,7 @@ class Worker:
             metrics=metrics,
             log=self._log,
             on_progress=self._progress_made,
+            claim_limit=self.relays.claim_limit,
         )
 
     def _maintenance_services(self) -> list[Service]:
@@ -168,6 +209,7 @@ class Worker:
             self.settings.lease_seconds,
         )
         services: list[Service] = [
+            self.relays,
             LeaseKeeper(
                 store,
                 LeaseKeeperConfig(self.owner, lease),
@@ -450,7 +492,6 @@ async def _serve(
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     orphaned = asyncio.create_task(_stop_when_orphaned(supervisor, stop, identity.owner))
-    make_transport = await checked_transport_factory(runtime)
     # No pre-ping: it is one more round trip per store call (measured ~0.3 ms
     # of CPU each). A connection that died is noticed by the call that uses
     # it, which fails like any outage and is retried on a fresh one.
@@ -465,7 +506,6 @@ async def _serve(
             settings,
             store,
             identity.owner,
-            make_transport,
             heartbeat=heartbeat,
             metrics=WorkerMetrics(limited_domains=settings.domain_rates),
             runtime=runtime,
@@ -492,16 +532,13 @@ async def _stop_when_orphaned(supervisor: int, stop: asyncio.Event, owner: str) 
     stop.set()
 
 
-async def checked_transport_factory(settings: Settings | Runtime) -> TransportFactory:
-    """The factory of the slots' transports, tried once now so a bad target fails at start.
-
-    The URL is parsed and the SMTP password read once, by the runtime
-    (`mailqd.runtime`): given `Settings`, it is built here.
-    """
-    runtime = settings if isinstance(settings, Runtime) else Runtime.build(settings)
-    make_transport = runtime.transport_factory()
-    await make_transport().close()
-    return make_transport
+def connection_caps(plan: RelayPlan, workers: int) -> dict[str, asyncio.Semaphore]:
+    """A relay's `max_connections` (per daemon) as each of the daemon's workers' share."""
+    return {
+        name: asyncio.Semaphore(max(1, math.ceil(spec.max_connections / max(1, workers))))
+        for name, spec in plan.relays.items()
+        if spec.max_connections > 0
+    }
 
 
 async def _check_schema_if_reachable(store: Store, owner: str) -> None:

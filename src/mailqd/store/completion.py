@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailqd.models import Outcome, Status
+from mailqd.models import Outcome, RecipientResult, Status
 from mailqd.store.schema import add_seconds, utcnow
 from mailqd.store.sql import q
 
@@ -27,8 +27,11 @@ class Completion:
     """The outcome of one delivery attempt, to be recorded for a held job.
 
     `outcome` decides the job's next state: SENT → sent; RETRY and AMBIGUOUS
-    → pending again after `retry_in_seconds`; FAILED and EXPIRED → failed.
-    `attempt` is the number of this attempt (the job's `attempts` + 1).
+    → pending again after `retry_in_seconds`; DEFERRED (the relay failed, not
+    the message) → pending again without using an attempt; FAILED and
+    EXPIRED → failed. `attempt` is the number of this attempt (the job's
+    `attempts` + 1). `recipients` holds each recipient's result when they
+    did not all fare alike (`email_recipients`).
     """
 
     job_id: str
@@ -42,12 +45,14 @@ class Completion:
     error: str | None = None
     retry_in_seconds: float = 0.0
     message_id: str | None = None
+    recipients: tuple[RecipientResult, ...] = ()
 
 
 _NEXT_STATUS = {
     Outcome.SENT: Status.SENT,
     Outcome.RETRY: Status.PENDING,
     Outcome.AMBIGUOUS: Status.PENDING,
+    Outcome.DEFERRED: Status.PENDING,
     Outcome.FAILED: Status.FAILED,
     Outcome.EXPIRED: Status.FAILED,
 }
@@ -64,7 +69,7 @@ def complete_statement(at: sa.ColumnElement[datetime]) -> sa.Update:
         )
         .values(
             status=sa.bindparam("b_status"),
-            attempts=q.c.attempts + 1,
+            attempts=q.c.attempts + sa.bindparam("b_counted", type_=sa.Integer),
             last_error=sa.bindparam("b_error"),
             lease_owner=None,
             lease_expires_at=None,
@@ -84,7 +89,7 @@ COMPLETE_PG = sa.text(
 WITH done AS (
     SELECT *
     FROM jsonb_to_recordset(CAST(:batch AS jsonb)) AS d(
-        id text, owner text, status text, error text, delay float8, mid text,
+        id text, owner text, status text, error text, delay float8, mid text, counted integer,
         attempt integer, started timestamptz, duration float8, outcome text,
         code integer, text text)
 ), clock AS (
@@ -92,7 +97,7 @@ WITH done AS (
 ), changed AS (
     UPDATE email_queue AS q
     SET status = d.status,
-        attempts = q.attempts + 1,
+        attempts = q.attempts + d.counted,
         last_error = d.error,
         lease_owner = NULL,
         lease_expires_at = NULL,
@@ -138,6 +143,7 @@ def job_outcome(c: Completion) -> dict[str, Any]:
         "error": None if c.outcome is Outcome.SENT else storable_text(c.error),
         "delay": c.retry_in_seconds,
         "mid": c.message_id,
+        "counted": 0 if c.outcome is Outcome.DEFERRED else 1,
     }
 
 
@@ -173,3 +179,37 @@ def json_batch(completions: Any) -> list[dict[str, Any]]:
         }
         for c in completions
     ]
+
+
+def recipient_rows(completions: Any) -> list[dict[str, Any]]:
+    """The `email_recipients` rows of a batch: only completions that carry recipients."""
+    return [
+        {
+            "job_id": c.job_id,
+            "address": r.address,
+            "status": r.status.value,
+            "smtp_code": r.smtp_code,
+            "smtp_text": storable_text(r.smtp_text),
+            "relay": r.relay,
+            "attempt": c.attempt,
+        }
+        for c in completions
+        for r in c.recipients
+    ]
+
+
+def record_recipients(conn: sa.Connection, insert: Any, rows: list[dict[str, Any]]) -> None:
+    """Upsert per-recipient results; written before the outcome, so that a job whose
+    outcome is lost is retried knowing who already has it."""
+    from mailqd.store.relay_tables import email_recipients as r
+
+    stmt = insert(r)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[r.c.job_id, r.c.address],
+        set_={
+            name: stmt.excluded[name]
+            for name in ("status", "smtp_code", "smtp_text", "relay", "attempt")
+        }
+        | {"updated_at": utcnow()},
+    )
+    conn.execute(stmt, rows)

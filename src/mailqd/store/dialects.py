@@ -137,6 +137,10 @@ class PostgresDialect(Dialect):
         adaptation of Python lists to arrays cost more than the rest.
         """
         params = {"now": now, "batch": json.dumps(completion.json_batch(completions))}
+        recipients = completion.recipient_rows(completions)
+        if recipients:  # rare: a split or partly refused message
+            with db.begin() as conn:
+                completion.record_recipients(conn, self.insert, recipients)
         with db.one_statement() as conn:
             return int(conn.execute(completion.COMPLETE_PG, params).scalar_one())
 
@@ -194,7 +198,10 @@ class SqliteDialect(Dialect):
         else:
             stmt = completion.complete_statement(at_time(now))
         params = [{f"b_{k}": v for k, v in completion.job_outcome(c).items()} for c in completions]
+        recipients = completion.recipient_rows(completions)
         with db.begin() as conn:
+            if recipients:
+                completion.record_recipients(conn, self.insert, recipients)
             changed = conn.execute(stmt, params).rowcount
             conn.execute(a.insert(), [completion.attempt_values(c) for c in completions])
         return changed

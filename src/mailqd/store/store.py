@@ -34,6 +34,7 @@ from mailqd.store.database import Database
 from mailqd.store.engine import make_engine
 from mailqd.store.enqueue import PsycopgWriter, SqlAlchemyWriter, write_jobs
 from mailqd.store.jobs import LONGEST_LEASE, JobLeases
+from mailqd.store.recipients import RecipientLedger
 from mailqd.store.relay_health import RelayHealthStore
 from mailqd.store.screening import ScreenedClaim, ScreenRules
 from mailqd.store.sql import at_time
@@ -62,6 +63,8 @@ class Store:
         """The message templates (`mailqctl templates`), in the same database."""
         self.relay_health = RelayHealthStore(self.database)
         """The relays' circuit breakers, shared by every worker (`mailqd.breaker`)."""
+        self.recipient_ledger = RecipientLedger(self.database)
+        """Which recipients of a job are settled (`email_recipients`), for its next attempt."""
 
     @classmethod
     def from_url(cls, url: str, **engine_kwargs: Any) -> Store:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from mailqd.errors import DeliveryError
 from mailqd.message import OutgoingMessage
+from mailqd.models import RecipientResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +22,12 @@ class SendResult:
     smtp_code: int | None
     smtp_text: str | None
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
+    relay: str | None = None
+    """The relay that accepted it (the routed transport says)."""
+    recipients: tuple[RecipientResult, ...] = ()
+    """Each recipient's result, when the message was split across routes."""
+    pending_error: DeliveryError | None = None
+    """Why the recipients still `pending` were not accepted (a split message's failed part)."""
 
 
 @runtime_checkable

@@ -48,7 +48,7 @@ import enum
 import ssl
 
 import aiosmtplib
-from aiosmtplib import SMTPAuthenticationError, SMTPHeloError, SMTPTimeoutError
+from aiosmtplib import SMTPAuthenticationError, SMTPConnectError, SMTPHeloError, SMTPTimeoutError
 
 from mailqd.errors import (
     AmbiguousDeliveryError,
@@ -408,7 +408,7 @@ def _relay_reason(exc: Exception, phase: _Phase, code: int | None) -> str | None
             return "timeout"
         if code is not None:
             return "unavailable"
-        if isinstance(exc, ConnectionRefusedError):
+        if isinstance(exc, ConnectionRefusedError | SMTPConnectError):
             return "refused"
         return "closed" if isinstance(exc, ConnectionError | ConnectionClosed) else "refused"
     if code == SERVICE_CLOSING:

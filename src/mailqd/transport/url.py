@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
-from mailqd.credentials import ESCAPE_HINT, check_userinfo, redact_url, smtp_password
+from mailqd.credentials import (
+    ESCAPE_HINT,
+    check_userinfo,
+    read_password_file,
+    redact_url,
+    smtp_password,
+    url_user_and_password,
+)
 from mailqd.errors import ConfigError
 from mailqd.transport.base import Transport
 from mailqd.transport.local import MaildirTransport, NullTransport
@@ -25,11 +32,13 @@ from mailqd.transport.smtp import SmtpTransport
 
 if TYPE_CHECKING:
     from mailqd.config import Settings
+    from mailqd.routes import RelayPlan, RelaySpec
 
 __all__ = [
     "TransportFactory",
     "parse_smtp_url",
     "redact_url",
+    "relay_factories",
     "tls_verification_off",
     "transport_factory",
     "transport_from_settings",
@@ -66,6 +75,40 @@ def transport_factory(settings: Settings, password: str | None) -> TransportFact
     built by `mailqd.runtime.Runtime` at start and on reload, never per worker or per slot.
     """
     return _factory(settings.smtp_url, password=password, timeout=settings.smtp_timeout)
+
+
+def relay_factories(
+    plan: RelayPlan, shared_password: str | None, timeout: float
+) -> dict[str, TransportFactory]:
+    """Each relay's transport factory, its URL parsed once; `ConfigError` naming the relay.
+
+    A relay's password is its own (`password`, `password_file`), else the
+    one written in its URL, else, when its URL names a user, the shared
+    SMTP password (`smtp_password`, `smtp_password_file`, the systemd
+    credential).
+    """
+    factories = {}
+    for name, spec in plan.relays.items():
+        try:
+            factories[name] = _relay_factory(spec, shared_password, timeout)
+        except ConfigError as exc:
+            if spec.name.startswith("relay") and spec.source == "config" and len(plan.relays) == 1:
+                raise
+            raise ConfigError(f"relays.{name}", exc.problem) from None
+    return factories
+
+
+def _relay_factory(
+    spec: RelaySpec, shared_password: str | None, timeout: float
+) -> TransportFactory:
+    if _scheme(spec.url) not in DEFAULT_PORTS:
+        return _factory(spec.url, password=None, timeout=timeout)
+    own = spec.password or None
+    if own is None and spec.password_file:
+        own = read_password_file(Path(spec.password_file), f"relays.{spec.name}.password_file")
+    user, in_url = url_user_and_password(spec.url)
+    password = own if own is not None else (shared_password if user and in_url is None else None)
+    return _factory(spec.url, password=password, timeout=timeout)
 
 
 def transport_from_url(
