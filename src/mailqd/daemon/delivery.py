@@ -129,6 +129,7 @@ class Deliverer:
             log.exception("composer raised an unexpected error", job_id=job.id)
             error = f"cannot compose message: unexpected {type(exc).__name__}: {exc}"
             return self._finish(attempt, self._failed(attempt, error))
+        full = message.recipients
         try:
             message = await self._unsettled(job, message)
         except StoreError as exc:  # retry, rather than send to anyone twice
@@ -146,7 +147,9 @@ class Deliverer:
             log.exception("transport raised an unexpected error", job_id=job.id)
             unexpected = TransientDeliveryError(f"unexpected {type(exc).__name__}: {exc}")
             return self._finish(attempt, self._after_error(attempt, unexpected, message.message_id))
-        return self._finish(attempt, self._sent(attempt, result, message))
+        return self._finish(
+            attempt, self._sent(attempt, result, message, message.recipients != full)
+        )
 
     def crashed(self, job: Job, exc: Exception) -> Completion:
         """The outcome for an attempt that died of a bug in mailqd itself.
@@ -285,16 +288,27 @@ class Deliverer:
             return message
         return dataclasses.replace(message, data=self._signer.sign(message.data))
 
-    def _sent(self, attempt: _Attempt, result: SendResult, message: OutgoingMessage) -> Completion:
+    def _sent(
+        self,
+        attempt: _Attempt,
+        result: SendResult,
+        message: OutgoingMessage,
+        partial_envelope: bool = False,
+    ) -> Completion:
         """Accepted for some recipients at least: sent, unless some must still be tried.
 
         Recipients refused for now (4xx to RCPT), or whose route's relays
         were down, are tried again: the job is pending again (a relay
-        failure uses no attempt) and the next attempt sends to them only.
+        failure uses no attempt) and the next attempt sends to them only
+        (`partial_envelope`), recording what became of each.
         """
         recipients = tuple(
             result.recipients
-            or (recipient_results(result, message.recipients) if result.refused else ())
+            or (
+                recipient_results(result, message.recipients)
+                if result.refused or partial_envelope
+                else ()
+            )
         )
         pending = [r for r in recipients if r.status is RecipientStatus.PENDING]
         if not pending:
@@ -416,7 +430,8 @@ def _describe_acceptance(result: SendResult) -> str | None:
     if not result.refused:
         return text
     refusals = "; ".join(
-        f"{address}: {code} {reply}" for address, (code, reply) in result.refused.items()
+        f"{address}: {code} {reply}" if code else f"{address}: {reply}"
+        for address, (code, reply) in result.refused.items()
     )
     return f"{text or 'accepted'}; refused {len(result.refused)} recipient(s): {refusals}"
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -100,7 +100,7 @@ class Producer:
         metrics: WorkerMetrics | None = None,
         log: structlog.typing.FilteringBoundLogger | None = None,
         on_progress: Callable[[], None] | None = None,
-        claim_limit: Callable[[int], tuple[int, float]] | None = None,
+        claim_limit: Callable[[int], Awaitable[tuple[int, float]]] | None = None,
     ) -> None:
         self._leases = leases
         self._claim_limit = claim_limit
@@ -132,7 +132,7 @@ class Producer:
                 await wait_any(stop, self._slots.freed)
                 continue
             if self._claim_limit is not None:
-                free, wait = self._claim_limit(free)
+                free, wait = await self._claim_limit(free)
                 if free == 0:  # every relay of the default route is down: leave jobs be
                     backlog = False
                     self.wake.clear()

@@ -102,6 +102,7 @@ class RelayBoard:
         self._on_up = on_up
         self._log = structlog.get_logger().bind(worker=owner)
         self._states = {name: RelayState(name) for name in plan.relays}
+        self._reserved: set[str] = set()
         self.schedule = Schedule(refresh_every, jitter=0.2, stagger=True)
 
     @property
@@ -117,6 +118,13 @@ class RelayBoard:
         state = self._states[relay]
         if state.up:
             return True
+        if relay in self._reserved:  # the producer took this probe for the job it claimed
+            self._reserved.discard(relay)
+            return True
+        return await self._take_probe(relay)
+
+    async def _take_probe(self, relay: str) -> bool:
+        state = self._states[relay]
         now = self._now()
         if not state.probe_due(now):
             return False
@@ -189,19 +197,23 @@ class RelayBoard:
 
     # -- the producer's question ----------------------------------------------------------
 
-    def claim_limit(self, free: int) -> tuple[int, float]:
+    async def claim_limit(self, free: int) -> tuple[int, float]:
         """How many jobs to claim now, and if none, how long to wait before asking again.
 
-        All the default route's relays down: none until one's probe is due,
-        then one (the probe's job). Routes other than the default are not
-        judged here: their jobs are claimed and deferred at send time.
+        All the default route's relays down: none until one's probe is due
+        and this worker takes it, then one (the probe's job). Routes other
+        than the default are not judged here: their jobs are claimed and
+        deferred at send time.
         """
-        now = self._now()
         states = [self._states[relay] for relay in self._plan.default_route.relays]
         if any(state.up for state in states):
             return free, 0.0
-        if any(state.probe_due(now) for state in states):
-            return min(free, 1), 0.0
+        for state in states:
+            if await self._take_probe(state.relay):
+                self._reserved.add(state.relay)
+                return min(free, 1), 0.0
+        now = self._now()
+        states = [self._states[relay] for relay in self._plan.default_route.relays]
         due = [s.probe_at for s in states if s.probe_at is not None]
         wait = min((d - now).total_seconds() for d in due) if due else self._policy.first_probe
         return 0, max(0.05, wait)

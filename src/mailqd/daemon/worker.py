@@ -297,6 +297,11 @@ class Worker:
         await self._slots.close_all()
 
     @property
+    def in_flight(self) -> int:
+        """Sends running now."""
+        return len(self._sending)
+
+    @property
     def unrecorded(self) -> int:
         """Outcomes finished and not yet committed (kept through a database outage)."""
         return self._completer.pending

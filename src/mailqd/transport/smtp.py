@@ -402,7 +402,7 @@ def _relay_reason(exc: Exception, phase: _Phase, code: int | None) -> str | None
     if phase.is_setup:
         if phase is _Phase.AUTH and (code is not None or isinstance(exc, SMTPAuthenticationError)):
             return "auth"
-        if phase is _Phase.STARTTLS or isinstance(exc, ssl.SSLError):
+        if phase is _Phase.STARTTLS or _caused_by_tls(exc):
             return "tls"
         if isinstance(exc, ReplyTimeout | SMTPTimeoutError | TimeoutError):
             return "timeout"
@@ -416,3 +416,15 @@ def _relay_reason(exc: Exception, phase: _Phase, code: int | None) -> str | None
     if code is None and isinstance(exc, ConnectionError | ConnectionClosed):
         return "closed"
     return None
+
+
+def _caused_by_tls(exc: BaseException) -> bool:
+    """An `ssl.SSLError`, or an error raised from one (aiosmtplib wraps them)."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 5:
+        if isinstance(current, ssl.SSLError):
+            return True
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return False
