@@ -404,6 +404,7 @@ def test_stats_has_the_seed_shape_and_matches_the_database(
     assert set(data) >= {"service", "queue", "performance"}
     assert data["queue"] == {
         "pending": 1,
+        "due": 0,
         "retry_queue": 1,
         "permanent_failed": 1,
         "total_sent": 4,
@@ -416,6 +417,7 @@ def test_stats_has_the_seed_shape_and_matches_the_database(
         "recent_attempts_1h": 6,
         "deduplicated_1h": 0,
         "deferred_by_recipient_cap_1h": 0,
+        "recipients_refused_1h": 0,
     }
     service = data["service"]
     assert service["name"] == "mailqd"
@@ -437,6 +439,10 @@ def expected_queue(store: Store) -> dict[str, int]:
         sending = count("SELECT count(*) FROM email_queue WHERE status = 'sending'")
         return {
             "pending": pending,
+            "due": count(
+                "SELECT count(*) FROM email_queue WHERE status = 'pending'"
+                " AND next_attempt_at <= CURRENT_TIMESTAMP"
+            ),
             "retry_queue": count(
                 "SELECT count(*) FROM email_queue WHERE status = 'pending' AND attempts > 0"
             ),
