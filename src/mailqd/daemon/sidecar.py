@@ -7,9 +7,9 @@ health check shut:
 - the HTTP thread (`sidecar_http.HttpServer`) serves every connection from
   one selector, with deadlines and a connection cap, and never waits on the
   database: `/healthz` and `/metrics` are made from the latest answer of the
-  queue and relay-state queries; `/stats` from an answer of the last `STATS_REUSE` seconds, or
-  it waits up to `STATS_WAIT` seconds for a fresh one without holding up
-  any other connection;
+  queue and relay-state queries; `/stats` from an answer of the last
+  `STATS_REUSE` seconds, or it waits up to `STATS_WAIT` seconds for a fresh
+  one without holding up any other connection;
 - two database threads (`sidecar_db.SidecarDatabase`), one for the queue
   counts and one for `/stats`, run every query, each answer reused for
   `cache_seconds`: so Prometheus scraping every second, a load balancer

@@ -5,10 +5,10 @@ The HTTP thread never waits on the database: it reads the latest answers
 counts and the relays' breaker rows (`Snapshot`) when they are asked for
 and older than `cache_seconds`, and every `SUMMARY_INTERVAL` for the
 summary (systemd's STATUS=); another runs the `/stats` queries when asked,
-so a slow `/stats` never delays the answer behind `/healthz`. Each query runs under the
-supervisor's fork lock (`ForkLock`, shared), and so does the logging of what
-went wrong in the HTTP thread: no lock a worker needs is held by these
-threads when the supervisor forks.
+so a slow `/stats` never delays the answer behind `/healthz`. Each query
+runs under the supervisor's fork lock (`ForkLock`, shared), and so does the
+logging of what went wrong in the HTTP thread: no lock a worker needs is
+held by these threads when the supervisor forks.
 
 A query that has run for more than `stale_after` seconds (one that hangs)
 makes its endpoints say the database does not answer.
