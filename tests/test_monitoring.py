@@ -70,7 +70,7 @@ def dashboard_queries() -> list[str]:
 def test_alert_rules_pass_promtool_check() -> None:
     result = promtool("check", "rules", RULES.name, cwd=RULES.parent)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 def test_alert_rules_pass_their_promtool_unit_tests() -> None:
@@ -99,6 +99,29 @@ def test_dashboard_is_an_importable_grafana_dashboard() -> None:
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${DS_PROMETHEUS}", panel["title"]
             assert panel["targets"], panel["title"]
+
+
+def test_every_dashboard_query_honours_the_instance_selector() -> None:
+    """Each metric a panel reads is filtered by the `$instance` variable, so picking one
+    daemon shows that daemon's numbers in every panel, not the sum of all."""
+    selector = re.compile(r"\b(mailqd_[a-z0-9_]+)(?![a-z0-9_])(\{[^}]*\})?")
+    for query in dashboard_queries():
+        for match in selector.finditer(query):
+            assert 'instance=~"$instance"' in (match.group(2) or ""), (match.group(1), query)
+
+
+def test_dashboard_shows_relays_throttling_and_refusals() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    by_title = {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in dashboard["panels"]}
+    wanted = {
+        "Relays up": "mailqd_relay_up",
+        "Relay failures by reason": "mailqd_relay_failures_total",
+        "Throttling": "mailqd_domain_throttled_total",
+        "Refusals": "mailqd_recipients_refused_total",
+        "Due now": "mailqd_email_due_count",
+    }
+    for title, metric in wanted.items():
+        assert any(metric in expr for expr in by_title[title]), title
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:

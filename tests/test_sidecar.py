@@ -14,6 +14,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -24,16 +26,19 @@ import structlog
 from children import exit_code
 from daemon_process import DaemonPool, DaemonProcess
 from mailqd import Client
+from mailqd.breaker import BreakerPolicy
 from mailqd.daemon.sidecar import ForkLock, Sidecar, parse_listen
 from mailqd.daemon.sidecar_db import Cached
 from mailqd.daemon.supervisor import open_store
 from mailqd.errors import DatabaseUnavailableError
 from mailqd.metrics import PoolStatus
-from mailqd.models import Status
+from mailqd.models import RecipientStatus, Status
+from mailqd.routes import RelayPlan, RelaySpec, RouteSpec
 from mailqd.store import Store, upgrade
 from mailqd.store.engine import make_engine
+from mailqd.store.relay_tables import email_recipients
 from pg import create_database, start_owned_postgres
-from sidecar_client import get, scrape
+from sidecar_client import get, scrape, wait_until
 from smtp_server import SmtpServer, smtp_server_fixture
 
 __all__ = ["smtp_server_fixture"]
@@ -290,6 +295,8 @@ def test_queue_gauges_come_from_the_database(
             "mailqd_email_sent_total": 1,
             "mailqd_email_failed_total": 1,
             "mailqd_database_up": 1,
+            "mailqd_email_due_count": 0,  # the 3 pending are scheduled for later
+            'mailqd_relay_up{relay="relay1"}': 1,
         }
         return samples if all(samples.get(k) == v for k, v in wanted.items()) else None
 
@@ -404,6 +411,7 @@ def test_stats_has_the_seed_shape_and_matches_the_database(
     assert set(data) >= {"service", "queue", "performance"}
     assert data["queue"] == {
         "pending": 1,
+        "due": 0,
         "retry_queue": 1,
         "permanent_failed": 1,
         "total_sent": 4,
@@ -416,6 +424,7 @@ def test_stats_has_the_seed_shape_and_matches_the_database(
         "recent_attempts_1h": 6,
         "deduplicated_1h": 0,
         "deferred_by_recipient_cap_1h": 0,
+        "recipients_refused_1h": 0,
     }
     service = data["service"]
     assert service["name"] == "mailqd"
@@ -437,6 +446,10 @@ def expected_queue(store: Store) -> dict[str, int]:
         sending = count("SELECT count(*) FROM email_queue WHERE status = 'sending'")
         return {
             "pending": pending,
+            "due": count(
+                "SELECT count(*) FROM email_queue WHERE status = 'pending'"
+                " AND next_attempt_at <= CURRENT_TIMESTAMP"
+            ),
             "retry_queue": count(
                 "SELECT count(*) FROM email_queue WHERE status = 'pending' AND attempts > 0"
             ),
@@ -445,6 +458,197 @@ def expected_queue(store: Store) -> dict[str, int]:
             "total_failed": count("SELECT count(*) FROM email_attempts WHERE outcome <> 'sent'"),
             "queue_depth": pending + sending,
         }
+
+
+# -- relays, and what is due ---------------------------------------------------------
+
+TWO_RELAYS = RelayPlan.build(
+    [RelaySpec("primary", "null://"), RelaySpec("backup", "null://")],
+    [RouteSpec(relays=("primary", "backup"))],
+)
+RUNNING = PoolStatus(
+    workers=1, desired=1, stopping=False, worker_deaths=0, jobs_given_back=0, started_at=0.0
+)
+
+
+@pytest.fixture
+def relay_sidecar(db_url: str, tmp_path: Path) -> Iterator[str]:
+    """The URL of a sidecar on `db_url` (no workers) whose configuration has two relays,
+    `primary` and `backup`, both on the default route."""
+    metrics_dir = tmp_path / "metrics"  # not tmp_path: the SQLite file is a .db too
+    metrics_dir.mkdir()
+    sidecar = Sidecar(
+        "127.0.0.1:0",
+        status=lambda: RUNNING,
+        database_url=lambda: db_url,
+        open_store=open_store,
+        metrics_dir=str(metrics_dir),
+        fork_lock=ForkLock(),
+        relay_plan=lambda: TWO_RELAYS,
+        cache_seconds=0.0,
+    )
+    sidecar.start()
+    try:
+        yield sidecar.url
+    finally:
+        sidecar.stop()
+
+
+def mark_down(store: Store, relay: str, reason: str, error: str) -> None:
+    """What a worker records on an AUTH or TLS failure: the breaker opens at once."""
+    store.relay_health.failed(
+        relay, reason=reason, error=error, policy=BreakerPolicy(), opens_now=True, owner="h:1"
+    )
+
+
+def relays_up(sidecar: str) -> dict[str, float | None]:
+    samples = scrape(sidecar)
+    return {r: samples.get(f'mailqd_relay_up{{relay="{r}"}}') for r in ("primary", "backup")}
+
+
+def health_becomes(sidecar: str, status: int, body: str) -> None:
+    wait_until(lambda: get(sidecar + "/healthz") == (status, body), f"/healthz {status} {body!r}")
+
+
+def test_relay_up_is_0_for_a_relay_marked_down_and_1_otherwise(
+    relay_sidecar: str, db_url: str
+) -> None:
+    store = Store.from_url(db_url)
+    wait_until(lambda: relays_up(relay_sidecar) == {"primary": 1, "backup": 1}, "both up, no rows")
+    # primary counts one failure, below the threshold: still up; backup's AUTH failure opens it.
+    store.relay_health.failed(
+        "primary", reason="timeout", error="timed out", policy=BreakerPolicy(),
+        opens_now=False, owner="h:1",
+    )  # fmt: skip
+    mark_down(store, "backup", "auth", "535 5.7.8 authentication failed")
+    wait_until(lambda: relays_up(relay_sidecar) == {"primary": 1, "backup": 0}, "backup down")
+    samples = scrape(relay_sidecar)
+    assert samples['mailqd_relay_failures_total{reason="auth",relay="backup"}'] == 0  # no worker
+    store.relay_health.succeeded("backup")
+    wait_until(lambda: relays_up(relay_sidecar) == {"primary": 1, "backup": 1}, "backup up again")
+    store.close()
+
+
+def test_healthz_is_degraded_while_a_relay_is_down_and_503_once_the_default_route_is(
+    relay_sidecar: str, db_url: str
+) -> None:
+    store = Store.from_url(db_url)
+    health_becomes(relay_sidecar, 200, "ok: 1/1 workers, database ok\n")
+    mark_down(store, "backup", "auth", "535 5.7.8 authentication failed")
+    health_becomes(
+        relay_sidecar, 200, "degraded: relay down: backup (auth); 1/1 workers, database ok\n"
+    )
+    mark_down(store, "primary", "tls", "certificate verify failed")
+    health_becomes(
+        relay_sidecar, 503, "unhealthy: every relay of the default route is down: primary, backup\n"
+    )
+    store.relay_health.succeeded("primary")
+    health_becomes(
+        relay_sidecar, 200, "degraded: relay down: backup (auth); 1/1 workers, database ok\n"
+    )
+    store.relay_health.succeeded("backup")
+    health_becomes(relay_sidecar, 200, "ok: 1/1 workers, database ok\n")
+    store.close()
+
+
+def test_stats_shows_each_relay_and_the_recipients_refused_in_the_last_hour(
+    relay_sidecar: str, db_url: str
+) -> None:
+    store = Store.from_url(db_url)
+    mark_down(store, "backup", "unavailable", "421 4.7.0 <ops@example.com> try again later")
+    now = datetime.now(UTC)
+    rows = [
+        ("job-1", "a@example.com", RecipientStatus.REFUSED, now - timedelta(minutes=1)),
+        ("job-1", "b@example.com", RecipientStatus.ACCEPTED, now - timedelta(minutes=1)),
+        ("job-2", "c@example.com", RecipientStatus.REFUSED, now - timedelta(minutes=30)),
+        ("job-2", "d@example.com", RecipientStatus.PENDING, now - timedelta(minutes=30)),
+        ("job-3", "e@example.com", RecipientStatus.REFUSED, now - timedelta(hours=2)),
+    ]
+    with store.engine.begin() as conn:
+        conn.execute(
+            email_recipients.insert(),
+            [
+                {"job_id": job, "address": address, "status": status.value, "updated_at": at}
+                for job, address, status, at in rows
+            ],
+        )
+
+    def with_backup_down() -> dict[str, Any] | None:
+        status, body = get(relay_sidecar + "/stats")
+        assert status == 200, body
+        data: dict[str, Any] = json.loads(body)["data"]
+        return data if [r["up"] for r in data["relays"]] == [True, False] else None
+
+    data = wait_until(with_backup_down, "/stats to show backup down")
+    primary, backup = data["relays"]
+    assert primary == {
+        "name": "primary", "up": True, "since": None, "failures": 0, "last_reason": None,
+        "last_error": None, "last_failure_at": None, "next_probe_at": None,
+    }  # fmt: skip
+    assert backup["name"] == "backup" and backup["failures"] == 1
+    assert backup["last_reason"] == "unavailable"
+    assert backup["last_error"] == "421 4.7.0 <o***@example.com> try again later"
+    since = datetime.fromisoformat(backup["since"])
+    assert abs((since - now).total_seconds()) < 60
+    assert datetime.fromisoformat(backup["next_probe_at"]) > since
+    assert data["performance"]["recipients_refused_1h"] == 2
+    assert data["service"]["status"] == "degraded"
+    store.close()
+
+
+def test_due_count_leaves_out_jobs_scheduled_for_later_and_retries_waiting(
+    relay_sidecar: str, db_url: str
+) -> None:
+    store = Store.from_url(db_url)
+    with Client(db_url) as client:
+        client.enqueue("a@example.com", "due", "x")
+        client.enqueue("b@example.com", "due", "x")
+    with store.engine.begin() as conn:
+        for attempts in (0, 0, 1):  # two scheduled, one waiting for its retry
+            conn.execute(
+                sa.text(
+                    "INSERT INTO email_queue (recipient_to, subject, body, attempts, "
+                    "next_attempt_at) VALUES ('a@example.com', 'later', 'x', :attempts, :later)"
+                ),
+                {"attempts": attempts, "later": _db_time(db_url, "2999-01-01T00:00:00+00:00")},
+            )
+
+    def counted() -> dict[str, float] | None:
+        samples = scrape(relay_sidecar)
+        return samples if samples.get("mailqd_email_pending_count") == 5 else None
+
+    samples = wait_until(counted, "the 5 pending jobs counted")
+    assert samples["mailqd_email_due_count"] == 2
+    assert samples["mailqd_email_queue_depth"] == 5
+    status, body = get(relay_sidecar + "/stats")
+    assert status == 200 and json.loads(body)["data"]["queue"]["due"] == 2, body
+    store.close()
+
+
+def test_a_relay_down_on_a_running_daemon_makes_healthz_503_until_it_is_back(
+    daemons: DaemonPool, sqlite_url: str
+) -> None:
+    """The supervisor hands its configuration's relays to the sidecar: `smtp_url` alone is
+    one relay, `relay1`, the whole default route."""
+    engine = make_engine(sqlite_url)
+    upgrade(engine)
+    engine.dispose()
+    store = Store.from_url(sqlite_url)
+    mark_down(store, "relay1", "auth", "535 5.7.8 authentication failed")
+    daemon = daemons.supervisor(
+        env_for(sqlite_url, "null://", MAILQD_WORKERS="1"), "standin_workers:beating"
+    )
+    sidecar = daemon.sidecar_url()
+    daemon.wait_for_workers(1)
+    health_becomes(sidecar, 503, "unhealthy: every relay of the default route is down: relay1\n")
+    samples = scrape(sidecar)
+    assert samples['mailqd_relay_up{relay="relay1"}'] == 0
+    assert samples['mailqd_relay_failures_total{reason="auth",relay="relay1"}'] == 0
+    store.relay_health.succeeded("relay1")
+    health_becomes(sidecar, 200, "ok: 1/1 workers, database ok\n")
+    assert scrape(sidecar)['mailqd_relay_up{relay="relay1"}'] == 1
+    stop(daemon)
+    store.close()
 
 
 # -- the listening address -----------------------------------------------------------

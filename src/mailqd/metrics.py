@@ -11,9 +11,12 @@ lost nor counted twice: its replacement has another pid and starts its own
 files at zero. (A recycled pid reopens the dead worker's file and counts on
 from its value, which is just as exact.)
 
-The supervisor's own state (workers alive, restarts) and the queue gauges
-read from the database are not counted by workers; the sidecar adds them
-at scrape time with `SupervisorCollector`.
+The supervisor's own state (workers alive, restarts), the queue gauges and
+the relays' health read from the database are not counted by workers; the
+sidecar adds them at scrape time with `SupervisorCollector`. It also shows
+`mailqd_relay_failures_total` at 0 for every configured relay and reason
+that no worker has counted yet (`render`), so an alert's `increase()` sees
+a relay's first failure.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
+from mailqd.errors import RELAY_REASONS
 from mailqd.models import Outcome, QueueCounts, Status
 from mailqd.store import Completion
 from mailqd.store.screening import Screened
@@ -36,6 +41,7 @@ __all__ = [
     "CLAIM_BATCH_BUCKETS",
     "CONTENT_TYPE",
     "SEND_DURATION_BUCKETS",
+    "DatabaseGauges",
     "PoolStatus",
     "SupervisorCollector",
     "WorkerMetrics",
@@ -54,6 +60,7 @@ SEND_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 
 """Seconds; 10 is a bucket edge because the slow-delivery alert is on p95 > 10 s."""
 CLAIM_BATCH_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500)
 
+RELAY_FAILURES = "mailqd_relay_failures"
 _FAILED_OUTCOMES = (Outcome.FAILED, Outcome.EXPIRED)
 _WORKER_OUTCOMES = (Outcome.SENT, Outcome.RETRY, Outcome.AMBIGUOUS, Outcome.FAILED, Outcome.EXPIRED)
 
@@ -92,8 +99,9 @@ class WorkerMetrics:
     """The counters and histograms one worker process bumps.
 
     Made in the worker after fork (`registry=None`: nothing registers them
-    in-process; the sidecar reads their files). The worker calls the three
-    hooks where it records outcomes, claims and waits for the rate limit.
+    in-process; the sidecar reads their files). The worker calls the
+    hooks where it records outcomes, claims, waits for the rate limit, meets
+    a relay failure and records recipients refused.
     """
 
     def __init__(self, limited_domains: Iterable[str] = ()) -> None:
@@ -157,6 +165,17 @@ class WorkerMetrics:
             ["domain"],
             registry=None,
         )
+        self.relay_failures = Counter(
+            RELAY_FAILURES,
+            "Relay failures (the relay's fault, not the message's), by relay and reason.",
+            ["relay", "reason"],
+            registry=None,
+        )
+        self.refused_recipients = Counter(
+            "mailqd_recipients_refused",
+            "Recipients a relay refused for good (5xx) in messages sent to other recipients.",
+            registry=None,
+        )
         for outcome in _WORKER_OUTCOMES:
             self.attempts.labels(outcome=outcome.value)  # so every outcome shows, at 0
         for domain in limited_domains:
@@ -192,6 +211,19 @@ class WorkerMetrics:
     def jobs_rescued(self, count: int) -> None:
         self.rescued.inc(count)
 
+    def relay_failed(self, relay: str, reason: str) -> None:
+        """One relay failure (`RelayUnavailableError`), `reason` one of `RELAY_REASONS`.
+
+        Counted once per failure met, whether or not it opened the breaker;
+        `down` counts sends not tried because the relay was marked down.
+        """
+        self.relay_failures.labels(relay=relay, reason=reason).inc()
+
+    def recipients_refused(self, count: int) -> None:
+        """Recipients refused (5xx) in a message that was sent to the others."""
+        if count > 0:
+            self.refused_recipients.inc(count)
+
 
 # -- what the sidecar adds at scrape time ------------------------------------------
 
@@ -212,18 +244,29 @@ class PoolStatus:
     """Wall-clock time the supervisor started (epoch seconds)."""
 
 
+@dataclass(frozen=True, slots=True)
+class DatabaseGauges:
+    """What the sidecar's latest database answer says: the queue, and which relays are up."""
+
+    counts: QueueCounts
+    due: int
+    """Pending jobs due now (not those scheduled for later or waiting for a retry)."""
+    relays_up: tuple[tuple[str, bool], ...] = ()
+    """Every configured relay, in the configuration's order, and whether it is up."""
+
+
 class SupervisorCollector(Collector):
     """The metrics the supervisor and the database know, computed at scrape time.
 
-    `queue` returns the cached database counts, or raises `MailqError` when
-    the database does not answer: the queue gauges are then left out and
-    `mailqd_database_up` is 0.
+    `queue` returns the cached database answer, or raises `MailqError` when
+    the database does not answer: the queue and relay gauges are then left
+    out and `mailqd_database_up` is 0.
     """
 
     def __init__(
         self,
         status: Callable[[], PoolStatus],
-        queue: Callable[[], QueueCounts],
+        queue: Callable[[], DatabaseGauges],
         version: str,
     ) -> None:
         self._status = status
@@ -253,16 +296,17 @@ class SupervisorCollector(Collector):
         info.add_metric([self._version], 1)
         yield info
         try:
-            counts = self._queue()
+            gauges = self._queue()
         except MailqError:
             yield _gauge("mailqd_database_up", "1 if the last database query answered.", 0)
             return
         yield _gauge("mailqd_database_up", "1 if the last database query answered.", 1)
-        yield from queue_gauges(counts)
+        yield from queue_gauges(gauges)
 
 
-def queue_gauges(counts: QueueCounts) -> Iterator[Metric]:
-    """The queue gauges; the same numbers on every daemon sharing the database."""
+def queue_gauges(gauges: DatabaseGauges) -> Iterator[Metric]:
+    """The queue and relay gauges; the same numbers on every daemon sharing the database."""
+    counts = gauges.counts
     yield _gauge(
         "mailqd_email_queue_depth",
         "Jobs not finished yet: pending (due or not) plus being sent.",
@@ -282,14 +326,68 @@ def queue_gauges(counts: QueueCounts) -> Iterator[Metric]:
         "How long the oldest due pending job has waited; 0 when none is due.",
         counts.oldest_due_age_seconds or 0.0,
     )
+    yield _gauge(
+        "mailqd_email_due_count",
+        "Pending jobs due now: not those scheduled for later or waiting for their retry.",
+        gauges.due,
+    )
+    up = GaugeMetricFamily(
+        "mailqd_relay_up",
+        "1 while the relay's circuit breaker lets mail through, 0 while it is marked down.",
+        labels=["relay"],
+    )
+    for relay, is_up in gauges.relays_up:
+        up.add_metric([relay], 1 if is_up else 0)
+    yield up
 
 
-def render(directory: str, supervisor: Collector) -> bytes:
-    """The `/metrics` page: every process's files summed, plus the supervisor's metrics."""
+def render(directory: str, supervisor: Collector, relays: Sequence[str] = ()) -> bytes:
+    """The `/metrics` page: every process's files summed, plus the supervisor's metrics.
+
+    `relays` are the configured relays' names: their failure counters show
+    at 0 for each reason until a worker counts one.
+    """
     registry = CollectorRegistry(auto_describe=False)
-    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    registry.register(_WorkerFiles(directory, relays))
     registry.register(supervisor)
     return generate_latest(registry)
+
+
+class _WorkerFiles(Collector):
+    """Every worker's metric files summed, with the relay failure counters filled in at 0."""
+
+    def __init__(self, directory: str, relays: Sequence[str]) -> None:
+        self._directory = directory
+        self._relays = relays
+
+    def collect(self) -> Iterator[Metric]:
+        merge = MultiProcessCollector.merge
+        merged = merge(_files(self._directory), accumulate=True)  # type: ignore[no-untyped-call]
+        failures: Metric | None = None
+        for metric in merged:
+            if metric.name == RELAY_FAILURES:
+                failures = metric
+            else:
+                yield metric
+        if failures is None:
+            if not self._relays:
+                return
+            failures = CounterMetricFamily(
+                RELAY_FAILURES,
+                "Relay failures (the relay's fault, not the message's), by relay and reason.",
+            )
+        yield _with_zeros(failures, self._relays)
+
+
+def _with_zeros(failures: Metric, relays: Sequence[str]) -> Metric:
+    """`failures` plus a 0 sample for each relay and reason it has none of."""
+    name = RELAY_FAILURES + "_total"
+    seen = {(s.labels.get("relay"), s.labels.get("reason")) for s in failures.samples}
+    for relay in relays:
+        for reason in RELAY_REASONS:
+            if (relay, reason) not in seen:
+                failures.samples.append(Sample(name, {"relay": relay, "reason": reason}, 0.0))
+    return failures
 
 
 def counter_total(directory: str, name: str) -> float:

@@ -7,9 +7,9 @@ health check shut:
 - the HTTP thread (`sidecar_http.HttpServer`) serves every connection from
   one selector, with deadlines and a connection cap, and never waits on the
   database: `/healthz` and `/metrics` are made from the latest answer of the
-  queue query; `/stats` from an answer of the last `STATS_REUSE` seconds, or
-  it waits up to `STATS_WAIT` seconds for a fresh one without holding up
-  any other connection;
+  queue and relay-state queries; `/stats` from an answer of the last
+  `STATS_REUSE` seconds, or it waits up to `STATS_WAIT` seconds for a fresh
+  one without holding up any other connection;
 - two database threads (`sidecar_db.SidecarDatabase`), one for the queue
   counts and one for `/stats`, run every query, each answer reused for
   `cache_seconds`: so Prometheus scraping every second, a load balancer
@@ -41,18 +41,30 @@ from typing import Any
 import structlog
 
 from mailqd import __version__
+from mailqd.breaker import RelayState
 from mailqd.daemon.sidecar_db import (
     CACHE_SECONDS,
     STALE_AFTER,
     Answer,
     ForkLock,
     SidecarDatabase,
+    Snapshot,
+    StatsAnswer,
 )
 from mailqd.daemon.sidecar_http import HttpServer
 from mailqd.daemon.sidecar_protocol import Deferred, Response
+from mailqd.daemon.sidecar_relays import RelayHealth, relay_health
 from mailqd.errors import ConfigError, MailqError
-from mailqd.metrics import CONTENT_TYPE, PoolStatus, SupervisorCollector, counter_total, render
-from mailqd.models import QueueCounts, QueueStats, Status
+from mailqd.metrics import (
+    CONTENT_TYPE,
+    DatabaseGauges,
+    PoolStatus,
+    SupervisorCollector,
+    counter_total,
+    render,
+)
+from mailqd.models import Status
+from mailqd.routes import RelayPlan
 from mailqd.store import Store
 from mailqd.transport import redact_url
 
@@ -73,6 +85,7 @@ class Sidecar:
 
     `status` returns the supervisor's latest `PoolStatus`; `database_url`
     the URL of the current configuration (it may change on reload);
+    `relay_plan` its relays and routes (None: no relays shown);
     `open_store` makes a store for a URL. Metrics files are read from
     `metrics_dir`.
     """
@@ -86,6 +99,7 @@ class Sidecar:
         open_store: Callable[[str], Store],
         metrics_dir: str,
         fork_lock: ForkLock,
+        relay_plan: Callable[[], RelayPlan | None] = lambda: None,
         cache_seconds: float = CACHE_SECONDS,
         stale_after: float = STALE_AFTER,
         stats_wait: float = STATS_WAIT,
@@ -94,6 +108,7 @@ class Sidecar:
         self._stats_wait = stats_wait
         self._status = status
         self._database_url = database_url
+        self._relay_plan = relay_plan
         self._metrics_dir = metrics_dir
         self._database = SidecarDatabase(
             database_url=database_url,
@@ -103,7 +118,7 @@ class Sidecar:
             cache_seconds=cache_seconds,
             stale_after=stale_after,
         )
-        self._collector = SupervisorCollector(status, self._database.latest_counts, __version__)
+        self._collector = SupervisorCollector(status, self._gauges, __version__)
         self._server: HttpServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -187,28 +202,58 @@ class Sidecar:
         return handler()
 
     def _metrics(self) -> Response:
-        return Response(HTTPStatus.OK, CONTENT_TYPE, render(self._metrics_dir, self._collector))
+        plan = self._relay_plan()
+        relays = tuple(plan.relays) if plan is not None else ()
+        page = render(self._metrics_dir, self._collector, relays)
+        return Response(HTTPStatus.OK, CONTENT_TYPE, page)
+
+    def _gauges(self) -> DatabaseGauges:
+        """The database gauges of `/metrics`, from the latest answer; `MailqError` if none."""
+        snapshot = self._database.latest_snapshot()
+        health = self._relay_health(snapshot.relays)
+        return DatabaseGauges(
+            counts=snapshot.unfinished.counts,
+            due=snapshot.unfinished.due,
+            relays_up=health.up_by_name() if health is not None else (),
+        )
 
     def _healthz(self) -> Response:
-        problems = self.problems()
+        """503 with every problem; 200 `degraded` while a relay is down; else 200 `ok`."""
+        status = self._status()
+        problems, relays = self._problems_and_relays(status)
         if problems:
             return _text(HTTPStatus.SERVICE_UNAVAILABLE, "unhealthy: " + "; ".join(problems) + "\n")
-        status = self._status()
-        return _text(HTTPStatus.OK, f"ok: {status.workers}/{status.desired} workers, database ok\n")
+        fine = f"{status.workers}/{status.desired} workers, database ok"
+        degradation = relays.degradation() if relays is not None else None
+        if degradation:
+            return _text(HTTPStatus.OK, f"degraded: {degradation}; {fine}\n")
+        return _text(HTTPStatus.OK, f"ok: {fine}\n")
 
     def problems(self) -> list[str]:
-        """Why mailqd is not healthy now; empty when it is."""
+        """Why mailqd is not healthy now; empty when it is (a relay down is no problem yet)."""
+        return self._problems_and_relays(self._status())[0]
+
+    def _problems_and_relays(self, status: PoolStatus) -> tuple[list[str], RelayHealth | None]:
         problems = []
-        status = self._status()
         if status.stopping:
             problems.append("stopping")
         elif status.workers < status.desired:
             problems.append(f"{status.workers} of {status.desired} workers running")
+        relays = None
         try:
-            self._database.latest_counts()
+            snapshot = self._database.latest_snapshot()
         except MailqError as exc:
             problems.append(str(exc))
-        return problems
+        else:
+            relays = self._relay_health(snapshot.relays)
+            problem = relays.problem() if relays is not None else None
+            if problem:
+                problems.append(problem)
+        return problems, relays
+
+    def _relay_health(self, states: tuple[RelayState, ...]) -> RelayHealth | None:
+        plan = self._relay_plan()
+        return relay_health(plan, states) if plan is not None else None
 
     def _stats_page(self) -> Response | Deferred:
         """At once from an answer less than `STATS_REUSE` seconds old, else once there is one.
@@ -232,20 +277,24 @@ class Sidecar:
 
     def _stats_answer(self) -> Response:
         try:
-            stats, failed_attempts = self._database.recent(self._database.stats)
+            answer = self._database.recent(self._database.stats)
         except MailqError as exc:
             body = {"success": False, "error": str(exc)}
             return _json(HTTPStatus.SERVICE_UNAVAILABLE, body)
-        data = self.stats_data(stats, failed_attempts)
+        data = self.stats_data(answer)
         return _json(HTTPStatus.OK, {"success": True, "data": data})
 
-    def stats_data(self, stats: QueueStats, failed_attempts: int) -> dict[str, Any]:
-        """The seed's REST shape: service, queue, performance."""
+    def stats_data(self, answer: StatsAnswer) -> dict[str, Any]:
+        """The seed's REST shape: service, queue, performance; and the relays."""
         status = self._status()
+        stats = answer.stats
         counts = stats.counts
         rate = stats.last_1h.failure_rate
+        relays = self._relay_health(answer.relays)
         state = "stopping" if status.stopping else "running"
-        if not status.stopping and status.workers < status.desired:
+        if not status.stopping and (
+            status.workers < status.desired or (relays is not None and relays.down)
+        ):
             state = "degraded"
         return {
             "service": {
@@ -261,10 +310,11 @@ class Sidecar:
             },
             "queue": {
                 "pending": counts.pending,
+                "due": stats.due,
                 "retry_queue": stats.retries_waiting,
                 "permanent_failed": counts.by_status.get(Status.FAILED, 0),
                 "total_sent": counts.by_status.get(Status.SENT, 0),
-                "total_failed": failed_attempts,
+                "total_failed": answer.failed_attempts,
                 "queue_depth": counts.depth,
             },
             "rows": {"sending_without_lease": stats.unleased},
@@ -273,20 +323,25 @@ class Sidecar:
                 "recent_attempts_1h": stats.last_1h.attempts,
                 "deduplicated_1h": stats.last_1h.deduplicated,
                 "deferred_by_recipient_cap_1h": stats.last_1h.cap_deferred,
+                "recipients_refused_1h": answer.recipients_refused_1h,
             },
+            "relays": [relay.as_json() for relay in relays.relays] if relays is not None else [],
             "as_of": stats.at.isoformat(),
         }
 
     def _index(self) -> Response:
         return _text(HTTPStatus.OK, "mailqd sidecar: /metrics /healthz /stats\n")
 
-    def _make_summary(self, counts: Answer[QueueCounts] | None) -> str:
+    def _make_summary(self, snapshot: Answer[Snapshot] | None) -> str:
         """The STATUS= line; made by the counts thread after each refresh."""
         status = self._status()
         sent = int(counter_total(self._metrics_dir, "mailqd_email_sent"))
         failed = int(counter_total(self._metrics_dir, "mailqd_email_failed"))
-        if counts is not None and counts.value is not None:
-            queue = f"queue depth {counts.value.depth}"
+        if snapshot is not None and snapshot.value is not None:
+            queue = f"queue depth {snapshot.value.unfinished.counts.depth}"
+            relays = self._relay_health(snapshot.value.relays)
+            if relays is not None and relays.down:
+                queue += ", relays down: " + ", ".join(relay.name for relay in relays.down)
         else:
             queue = "database unavailable"
         plural = "" if status.workers == 1 else "s"

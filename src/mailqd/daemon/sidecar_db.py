@@ -2,13 +2,13 @@
 
 The HTTP thread never waits on the database: it reads the latest answers
 (`Cached.latest`) and asks for fresh ones. One thread refreshes the queue
-counts (`Store.unfinished_counts`) when they are asked for and older than
-`cache_seconds`, and every `SUMMARY_INTERVAL` for the summary (systemd's
-STATUS=); another runs the `/stats` query when asked, so a slow `/stats`
-never delays the counts behind `/healthz`. Each query runs under the
-supervisor's fork lock (`ForkLock`, shared), and so does the logging of what
-went wrong in the HTTP thread: no lock a worker needs is held by these
-threads when the supervisor forks.
+counts and the relays' breaker rows (`Snapshot`) when they are asked for
+and older than `cache_seconds`, and every `SUMMARY_INTERVAL` for the
+summary (systemd's STATUS=); another runs the `/stats` queries when asked,
+so a slow `/stats` never delays the answer behind `/healthz`. Each query
+runs under the supervisor's fork lock (`ForkLock`, shared), and so does the
+logging of what went wrong in the HTTP thread: no lock a worker needs is
+held by these threads when the supervisor forks.
 
 A query that has run for more than `stale_after` seconds (one that hangs)
 makes its endpoints say the database does not answer.
@@ -26,11 +26,22 @@ from typing import Any, Generic, TypeVar
 
 import structlog
 
+from mailqd.breaker import RelayState
 from mailqd.errors import DatabaseUnavailableError, MailqError
-from mailqd.models import QueueCounts, QueueStats
+from mailqd.models import QueueStats
 from mailqd.store import Store
+from mailqd.store.stats import Unfinished
 
-__all__ = ["CACHE_SECONDS", "STALE_AFTER", "Answer", "Cached", "ForkLock", "SidecarDatabase"]
+__all__ = [
+    "CACHE_SECONDS",
+    "STALE_AFTER",
+    "Answer",
+    "Cached",
+    "ForkLock",
+    "SidecarDatabase",
+    "Snapshot",
+    "StatsAnswer",
+]
 
 T = TypeVar("T")
 
@@ -44,6 +55,25 @@ STOP_WAIT = 2.0
 """Longest wait at stop; a thread stuck in a query is left to end with the process."""
 
 log = structlog.get_logger(component="sidecar")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What `/metrics` and `/healthz` are made of: the unfinished jobs and the breakers' rows."""
+
+    unfinished: Unfinished
+    relays: tuple[RelayState, ...]
+    """The rows of `mailqd_relay_state` (a relay without one is up)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatsAnswer:
+    """What `/stats` is made of."""
+
+    stats: QueueStats
+    failed_attempts: int
+    recipients_refused_1h: int
+    relays: tuple[RelayState, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,12 +248,12 @@ class SidecarDatabase:
         database_url: Callable[[], str],
         open_store: Callable[[str], Store],
         fork_lock: ForkLock,
-        summarize: Callable[[Answer[QueueCounts] | None], str],
+        summarize: Callable[[Answer[Snapshot] | None], str],
         cache_seconds: float = CACHE_SECONDS,
         stale_after: float = STALE_AFTER,
     ) -> None:
         self.summary: str | None = None
-        self.counts = Cached(lambda: self._current_store().unfinished_counts(), cache_seconds)
+        self.counts = Cached(self._query_snapshot, cache_seconds)
         self.stats = Cached(self._query_stats, cache_seconds)
         self._database_url = database_url
         self._open_store = open_store
@@ -243,8 +273,8 @@ class SidecarDatabase:
 
     # -- what the HTTP thread calls (never waits on the database) ---------------
 
-    def latest_counts(self) -> QueueCounts:
-        """The latest queue counts, or `MailqError`; asks for fresh ones when they are stale."""
+    def latest_snapshot(self) -> Snapshot:
+        """The latest counts and relay rows, or `MailqError`; asks for fresh ones when stale."""
         if self.counts.stale():
             self._counts_thread.ask()
         return self.recent(self.counts)
@@ -321,6 +351,15 @@ class SidecarDatabase:
                 self._store_url = url
             return self._store
 
-    def _query_stats(self) -> tuple[QueueStats, int]:
+    def _query_snapshot(self) -> Snapshot:
         store = self._current_store()
-        return store.queue_stats(), store.failed_attempts_count()
+        return Snapshot(store.stats.unfinished(), tuple(store.relay_health.states()))
+
+    def _query_stats(self) -> StatsAnswer:
+        store = self._current_store()
+        return StatsAnswer(
+            stats=store.queue_stats(),
+            failed_attempts=store.failed_attempts_count(),
+            recipients_refused_1h=store.stats.recipients_refused(),
+            relays=tuple(store.relay_health.states()),
+        )

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from mailqd import metrics
 from mailqd.daemon.sidecar import ForkLock, Sidecar
+from mailqd.routes import RelayPlan
 from mailqd.store import Store
 
 __all__ = ["FORK_LOCK_WAIT", "SidecarHost"]
@@ -38,8 +39,13 @@ class SidecarHost:
         status: Callable[[], metrics.PoolStatus],
         database_url: Callable[[], str],
         open_store: Callable[[str], Store],
+        relay_plan: Callable[[], RelayPlan | None] = lambda: None,
     ) -> None:
-        """Fresh metric files for this run, and the HTTP server; `ConfigError` if it cannot bind."""
+        """Fresh metric files for this run, and the HTTP server; `ConfigError` if it cannot bind.
+
+        `relay_plan` gives the relays of the configuration in force, whose
+        health `/metrics`, `/healthz` and `/stats` show.
+        """
         self.metrics_dir = metrics.make_multiprocess_dir()
         metrics.use_multiprocess_dir(self.metrics_dir)
         sidecar = Sidecar(
@@ -49,6 +55,7 @@ class SidecarHost:
             open_store=open_store,
             metrics_dir=self.metrics_dir,
             fork_lock=self.fork_lock,
+            relay_plan=relay_plan,
         )
         try:
             sidecar.start()

@@ -58,7 +58,7 @@ from collections.abc import Callable
 
 import structlog
 
-from mailqd.config import Settings
+from mailqd.config import Settings, relay_plan
 from mailqd.daemon.giveback import SupervisorStores, open_store
 from mailqd.daemon.heartbeat import Heartbeat, WorkerIdentity
 from mailqd.daemon.processes import (
@@ -171,6 +171,7 @@ class Supervisor:
             status=lambda: self.status,
             database_url=lambda: self.settings.database_url,
             open_store=open_store,
+            relay_plan=lambda: relay_plan(self.settings),
         )
         self._signals.install()
         try:

@@ -6,13 +6,15 @@ the millions of sent rows that make up most of the table.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 
-from mailqd.models import Outcome, QueueCounts, QueueStats, Status, WindowStats
+from mailqd.models import Outcome, QueueCounts, QueueStats, RecipientStatus, Status, WindowStats
 from mailqd.store.database import Database
+from mailqd.store.relay_tables import email_recipients as er
 from mailqd.store.schema import UNLEASED, add_seconds, seconds_between
 from mailqd.store.sql import (
     SCREENED_OUTCOMES,
@@ -25,10 +27,20 @@ from mailqd.store.sql import (
     status_is,
 )
 
-__all__ = ["Statistics"]
+__all__ = ["Statistics", "Unfinished"]
 
 _FIVE_MINUTES = 300.0
 _HOUR = 3600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Unfinished:
+    """The unfinished jobs by status, and how many pending ones are due now (`/metrics`)."""
+
+    counts: QueueCounts
+    due: int
+    """Pending jobs whose time has come; the rest of `counts.pending` are scheduled
+    for later or wait for their retry."""
 
 
 class Statistics:
@@ -77,36 +89,61 @@ class Statistics:
         )
 
     def unfinished_counts(self, now: datetime | None = None) -> QueueCounts:
-        """Pending, sending and failed jobs, and the oldest due job's wait, in one statement.
+        """Pending, sending and failed jobs, and the oldest due job's wait (see `unfinished`)."""
+        return self.unfinished(now).counts
 
-        For `/metrics`, which may be scraped every second: each count reads
-        only its own status's entries in the index that holds them, never
-        the sent rows that make up most of the table, so `by_status` holds
-        only those three statuses.
+    def unfinished(self, now: datetime | None = None) -> Unfinished:
+        """Pending, sending and failed jobs, the due ones and the oldest due job's wait.
+
+        One statement, for `/metrics`, which may be scraped every second:
+        each count reads only its own status's entries in the index that
+        holds them, never the sent rows that make up most of the table, so
+        `by_status` holds only those three statuses. The due jobs are counted
+        by the same range scan that finds the oldest of them (the claim
+        index's pending entries up to now).
         """
         at = at_time(now)
 
         def count(status: Status) -> sa.ScalarSelect[Any]:
             return sa.select(sa.func.count()).where(having(status)).scalar_subquery()
 
-        oldest_due = (
-            sa.select(seconds_between(at, sa.func.min(q.c.next_attempt_at)))
+        due = (
+            sa.select(
+                sa.func.count().label("jobs"), sa.func.min(q.c.next_attempt_at).label("first")
+            )
             .where(status_is(Status.PENDING), q.c.next_attempt_at <= at)
-            .scalar_subquery()
+            .subquery("due")
         )
         stmt = sa.select(
-            count(Status.PENDING), count(Status.SENDING), count(Status.FAILED), oldest_due
-        )
+            count(Status.PENDING),
+            count(Status.SENDING),
+            count(Status.FAILED),
+            due.c.jobs,
+            seconds_between(at, due.c.first),
+        ).select_from(due)
         with self._db.begin() as conn:
-            pending_count, sending_count, failed_count, oldest = conn.execute(stmt).one()
-        return QueueCounts(
-            by_status={
-                Status.PENDING: pending_count,
-                Status.SENDING: sending_count,
-                Status.FAILED: failed_count,
-            },
+            pending, sending, failed, due_jobs, oldest = conn.execute(stmt).one()
+        counts = QueueCounts(
+            by_status={Status.PENDING: pending, Status.SENDING: sending, Status.FAILED: failed},
             oldest_due_age_seconds=oldest,
         )
+        return Unfinished(counts=counts, due=int(due_jobs))
+
+    def recipients_refused(self, seconds: float = _HOUR, now: datetime | None = None) -> int:
+        """Recipients refused for good (5xx) in the last `seconds`, by their result's time.
+
+        Only jobs whose recipients did not all fare alike have rows in
+        `email_recipients`; a job refused as a whole is a failed job, not
+        counted here.
+        """
+        at = at_time(now)
+        stmt = sa.select(sa.func.count()).where(
+            er.c.status == sa.literal_column(f"'{RecipientStatus.REFUSED.value}'"),
+            er.c.updated_at > add_seconds(at, -seconds),
+            er.c.updated_at <= at,
+        )
+        with self._db.begin() as conn:
+            return int(conn.execute(stmt).scalar_one())
 
     def failed_attempts_count(self) -> int:
         """Attempts that did not deliver (retried, failed, expired, lost) still on record."""
