@@ -394,9 +394,7 @@ def test_worker_stores_echoed_credentials_redacted(store: Store, db_url: str) ->
     run(scenario)
 
     assert [store.get(j).status for j in job_ids] == [Status.SENT, Status.SENT]
-    [deferred] = [
-        a for j in job_ids for a in store.attempts(j) if a.outcome is Outcome.DEFERRED
-    ]
+    [deferred] = [a for j in job_ids for a in store.attempts(j) if a.outcome is Outcome.DEFERRED]
     assert deferred.smtp_code == 535
     [relay_state] = store.relay_health.states()
     for text in (deferred.smtp_text, relay_state.last_error):

@@ -187,7 +187,7 @@ def test_an_outage_of_the_only_relay_fails_no_mail_and_stays_within_the_probe_sc
             for mode in ("421", "auth"):
                 with PhasedRelay(port, mode) as relay:
                     start = probes(pool)
-                    await until(lambda: probes(pool) >= start + 4)
+                    await until(lambda start=start: probes(pool) >= start + 4)
                     seen = probes(pool) - start
                     assert relay.connections <= seen + 1
                     assert relay.auths <= seen + 1 and relay.mails == 0

@@ -271,7 +271,10 @@ def test_smtp_server_down_defers_without_using_attempts_and_delivers_when_it_ret
     """A relay outage is not the message's fault (#16): deferred, attempts untouched."""
     port = _free_port()
     settings = make_settings(
-        db_url, f"smtp://127.0.0.1:{port}", max_attempts=1, relay_probe_interval=0.2,
+        db_url,
+        f"smtp://127.0.0.1:{port}",
+        max_attempts=1,
+        relay_probe_interval=0.2,
         relay_probe_max=0.4,
     )
     [job_id] = enqueue(store)

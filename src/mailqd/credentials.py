@@ -26,8 +26,8 @@ This module is imported by `mailqd.config`, so it imports nothing heavy.
 
 from __future__ import annotations
 
-import json
 import contextlib
+import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -100,6 +100,7 @@ def url_user_and_password(url: str) -> tuple[str | None, str | None]:
     """The user and password written in a URL (raw text), each None when absent."""
     _, user, password, _ = _userinfo(url)
     return user or None, password
+
 
 def url_password(url: str) -> str | None:
     """The password written in a URL (as written, still percent-encoded), if any."""

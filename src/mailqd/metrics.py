@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from mailqd.errors import RELAY_REASONS
-from mailqd.models import Outcome, QueueCounts, Status
+from mailqd.models import Outcome, QueueCounts, RecipientStatus, Status
 from mailqd.store import Completion
 from mailqd.store.screening import Screened
 
@@ -185,7 +185,11 @@ class WorkerMetrics:
         """Outcomes committed to the database: counted once, after the commit."""
         for completion in batch:
             self.attempts.labels(outcome=completion.outcome.value).inc()
-            self.duration.observe(completion.duration_seconds)
+            if completion.outcome is not Outcome.DEFERRED:  # the relay was not reached
+                self.duration.observe(completion.duration_seconds)
+            refused = sum(r.status is RecipientStatus.REFUSED for r in completion.recipients)
+            if refused:
+                self.recipients_refused(refused)
             if completion.outcome is Outcome.SENT:
                 self.sent.inc()
             elif completion.outcome in _FAILED_OUTCOMES:

@@ -21,12 +21,12 @@ from mailqd.breaker import BreakerPolicy
 from mailqd.config import Settings, relay_plan
 from mailqd.credentials import secrets_of, shared_smtp_password
 from mailqd.daemon.retry import BackoffPolicy
+from mailqd.routes import RelayPlan
 from mailqd.rules import Limits
 from mailqd.secrets import SecretBox, load_secret_box, unseal_variables
 from mailqd.signing import DkimSigner
 from mailqd.store.screening import ScreenRules
 from mailqd.templating.sandbox import RenderBudget
-from mailqd.routes import RelayPlan
 from mailqd.transport.url import TransportFactory, relay_factories
 
 __all__ = ["Runtime", "screen_rules"]

@@ -18,6 +18,7 @@ until a probe is due, then one job, the probe's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -177,10 +178,8 @@ class RelayBoard:
         before = self._states[relay]
         if before.clean:
             return
-        try:
+        with contextlib.suppress(StoreError):  # the next success or refresh tells the store
             await asyncio.to_thread(self._health.succeeded, relay, self._clock.now())
-        except StoreError:
-            pass  # the next success or refresh tells the store
         self._states[relay] = after_success(before, self._now())
         if not before.up:
             self._went_up(relay)

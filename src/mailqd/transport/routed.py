@@ -190,7 +190,7 @@ class RoutedTransport:
 
 
 def recipient_results(result: SendResult, addresses: Sequence[str]) -> list[RecipientResult]:
-    """Each of `addresses`' result in `result`: refused ones as the server said, the rest accepted."""
+    """Each address's result: refused ones as the server said, the others accepted."""
     out = []
     for address in addresses:
         refusal = result.refused.get(address)
