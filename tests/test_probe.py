@@ -246,3 +246,23 @@ def test_implicit_tls_is_reported(certificate: tuple[Path, Path]) -> None:
     with SmtpServer(implicit_tls_context=server_tls_context(*certificate)) as server:
         report = run_probe(server.url("smtps", tls_verify="false"))
     assert report.ok and report.encryption == "implicit TLS" and not report.starttls
+
+
+def test_a_relay_that_never_greets_is_a_timeout() -> None:
+    async def scenario() -> ProbeReport:
+        hung_up = asyncio.Event()
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()  # says nothing; returns when the client gives up
+            hung_up.set()
+            writer.close()
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            report = await probe(parse_smtp_url(f"smtp://127.0.0.1:{port}?timeout=0.5"))
+            await asyncio.wait_for(hung_up.wait(), 5)  # the probe closed its connection
+        return report
+
+    report = asyncio.run(scenario())
+    assert (report.ok, report.reason, report.greeted) == (False, "timeout", False)

@@ -31,6 +31,8 @@ from mailqd.transport.url import DEFAULT_PORTS, parse_smtp_url
 
 __all__ = ["ProbeTarget", "probe_targets", "report_probes"]
 
+MIN_SECRET_LENGTH = 4  # as `secrets_of`: a shorter one would mask ordinary words
+
 REASON_WORDS = {
     "refused": "cannot be reached (connection refused)",
     "timeout": "cannot be reached (timed out)",
@@ -69,10 +71,7 @@ def probe_targets(settings: Settings) -> list[ProbeTarget]:
 def report_probes(settings: Settings, targets: list[ProbeTarget]) -> int:
     """Probe every SMTP target, print a line for each (stdout), return the exit code."""
     reports = asyncio.run(_probe_all(targets))
-    secrets = (
-        *secrets_of(settings),
-        *(t.smtp.password for t in targets if t.smtp and t.smtp.password),
-    )
+    secrets = _secrets(settings, targets)
     failed = []
     for target, report in zip(targets, reports, strict=True):
         click.echo(printable(scrub(_line(target, report), secrets)))
@@ -82,6 +81,13 @@ def report_probes(settings: Settings, targets: list[ProbeTarget]) -> int:
         return 0
     click.echo(f"mailqd: probe failed, on the default route: {'; '.join(failed)}", err=True)
     return EXIT_FAILURE
+
+
+def _secrets(settings: Settings, targets: list[ProbeTarget]) -> list[str]:
+    """Every password in view, longest first (so that one containing another goes whole)."""
+    relays = {t.smtp.password for t in targets if t.smtp is not None and t.smtp.password}
+    found = set(secrets_of(settings)) | {p for p in relays if len(p) >= MIN_SECRET_LENGTH}
+    return sorted(found, key=len, reverse=True)
 
 
 async def _probe_all(targets: list[ProbeTarget]) -> list[ProbeReport | None]:
