@@ -210,7 +210,7 @@ def test_show_prints_every_field_the_body_and_the_attempts(store: Store, db_url:
         [["show", job_id, "--json"], ["show", job_id], ["show", "no-such-id"]], db=db_url
     )
     document = ok_json(as_json)
-    assert set(document) == {"job", "attempts"}
+    assert set(document) == {"job", "recipients", "attempts"}
     assert set(document["job"]) == set(Job.__slots__)
     job = document["job"]
     assert (job["id"], job["status"], job["attempts"]) == (job_id, "pending", 0)

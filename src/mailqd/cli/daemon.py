@@ -7,7 +7,8 @@ problem at start is one line on stderr and exit code 1, never a traceback.
 
 Exit codes: 0 stopped cleanly (or `--check-config` passed); 1 bad
 configuration, database unusable at start, or an immediate stop (second
-SIGTERM/SIGINT, SIGQUIT); 2 usage error (click); 3 a worker could not boot
+SIGTERM/SIGINT, SIGQUIT), or `--check-config --probe` found a relay of
+the default route unusable; 2 usage error (click); 3 a worker could not boot
 (`WORKER_BOOT_ERROR`).
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 import click
 
 from mailqd import __version__
+from mailqd.cli.relay_probe import probe_targets, report_probes
 from mailqd.cli.safe import EXIT_FAILURE, error_line, run_guarded
 from mailqd.config import Settings, load_settings
 from mailqd.credentials import redact_url, secrets_of, smtp_password_source
@@ -51,6 +53,11 @@ EXIT_CONFIG = EXIT_FAILURE
     is_flag=True,
     help="Check the configuration and the database schema, print one line, and exit.",
 )
+@click.option(
+    "--probe",
+    is_flag=True,
+    help="With --check-config: also connect to each relay (no mail sent), one line each.",
+)
 @click.version_option(__version__, prog_name="mailqd")
 @click.pass_context
 def command(
@@ -60,6 +67,7 @@ def command(
     database_url: str | None,
     smtp_url: str | None,
     check_config: bool,
+    probe: bool,
 ) -> None:
     """Deliver the mail queued in the mailqd database, with a pool of worker processes.
 
@@ -73,8 +81,10 @@ def command(
     # --workers is passed on as text so that the config layer reports a bad
     # value the same way as a bad MAILQD_WORKERS: one line naming the key.
     overrides = {"workers": workers, "database_url": database_url, "smtp_url": smtp_url}
+    if probe and not check_config:
+        raise click.UsageError("--probe goes with --check-config")
     if check_config:
-        ctx.exit(check_configuration(config_path, overrides))
+        ctx.exit(check_configuration(config_path, overrides, probe=probe))
     ctx.exit(run_daemon(config_path, overrides))
 
 
@@ -103,17 +113,23 @@ def load_daemon_runtime(
 
 
 def check_configuration(
-    config_path: str | Path | None, overrides: Mapping[str, Any] | None = None
+    config_path: str | Path | None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    probe: bool = False,
 ) -> int:
     """`mailqd --check-config`: one line on stdout and 0, or one line on stderr and 1.
 
     The line shows the URLs with their passwords as `***`, and where the
-    SMTP password comes from, never the password.
+    SMTP password comes from, never the password. With `probe`, then one
+    line per relay (`mailqd.cli.relay_probe`), and 1 with a line on stderr
+    if a relay of the default route failed.
     """
     settings: Settings | None = None
     try:
         settings = load_daemon_settings(config_path, overrides)
         revision = _schema_revision(settings.database_url)
+        targets = probe_targets(settings) if probe else []
     except MailqError as exc:
         return _fail(exc, settings)
     plural = "" if settings.workers == 1 else "s"
@@ -124,7 +140,7 @@ def check_configuration(
         f"schema {revision}, smtp {redact_url(settings.smtp_url)}{password}, "
         f"{settings.workers} worker{plural}{_domain_limits(settings)})"
     )
-    return 0
+    return report_probes(settings, targets) if probe else 0
 
 
 def _domain_limits(settings: Settings) -> str:

@@ -1,10 +1,11 @@
 """Commands that look without touching: `stats`, `failed`, `show`.
 
-Addresses in lists (`failed`: the recipients, and any address quoted in
-an error) are masked, because lists get pasted into tickets and chat
-rooms. `show` prints one job whole, body included: the person running it
-can read the row with the same database credentials anyway, and
-troubleshooting a message needs the message.
+Addresses in lists (`failed`: the recipients, the refused ones of
+`--partial`, and any address quoted in an error) are masked, because
+lists get pasted into tickets and chat rooms. `show` prints one job
+whole, body included: the person running it can read the row with the
+same database credentials anyway, and troubleshooting a message needs
+the message.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from mailqd.cli.output import (
     truncate,
 )
 from mailqd.config import Settings
-from mailqd.models import Attempt, Job, QueueStats, Status, WindowStats
+from mailqd.models import Attempt, Job, QueueStats, RecipientResult, Status, WindowStats
 from mailqd.store import Store
 from mailqd.store.ratelimit import RateLimits
 
@@ -230,19 +231,32 @@ def render_stats(
     metavar="N",
     help="Show the N most recently failed jobs.",
 )
+@click.option(
+    "--partial",
+    is_flag=True,
+    help="Instead: jobs sent, but refused (5xx) by some of their recipients.",
+)
 @json_option
 @click.pass_obj
 @reports_errors
-def failed(state: Context, limit: int, out: Output) -> None:
+def failed(state: Context, limit: int, partial: bool, out: Output) -> None:
     """The most recent permanently failed jobs, newest first, with their last error.
 
-    Addresses are masked; `mailqctl show ID` prints a job in full.
+    With --partial, the jobs sent to some recipients and refused by others
+    instead, most recently sent first, with each refusal. Addresses are
+    masked; `mailqctl show ID` prints a job in full.
 
     \b
     Example:
       $ mailqctl failed --limit 5
       $ mailqctl failed --json | jq -r '.jobs[].id' | xargs mailqctl retry
+      $ mailqctl failed --partial
     """
+    if partial:
+        found = state.store.list_partially_refused(limit)
+        partial_document = {"jobs": [_partial_document(job, refused) for job, refused in found]}
+        out.emit(partial_document, lambda: _render_partial(found))
+        return
     jobs = state.store.list_failed(limit)
     default_max = state.settings.max_attempts
     document = {"jobs": [_failed_document(job, default_max) for job in jobs]}
@@ -277,6 +291,46 @@ def _render_failed(jobs: list[Job], default_max: int) -> RenderableType:
     return rows
 
 
+def _partial_document(job: Job, refused: list[RecipientResult]) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "to": _masked_list(job.recipient_to),
+        "subject": job.subject,
+        "sent_at": job.sent_at,
+        "refused": [
+            {
+                "address": _masked_address(result.address),
+                "smtp_code": result.smtp_code,
+                "smtp_text": _masked_text(result.smtp_text),
+                "relay": result.relay,
+            }
+            for result in refused
+        ],
+    }
+
+
+def _render_partial(found: list[tuple[Job, list[RecipientResult]]]) -> RenderableType:
+    if not found:
+        return "no partially refused jobs"
+    rows = table("id", "sent at", "subject", "refused", "first refusal", right=["refused"])
+    for job, refused in found:
+        first = refused[0]
+        reply = f"{first.smtp_code or '-'} {_masked_text(first.smtp_text) or ''}".rstrip()
+        rows.add_row(
+            job.id,
+            format_time(job.sent_at or job.updated_at),
+            truncate(job.subject, SUBJECT_WIDTH),
+            str(len(refused)),
+            truncate(f"{_masked_address(first.address)}: {reply}", ERROR_WIDTH),
+        )
+    return rows
+
+
+def _masked_address(address: str) -> str:
+    masked = _masked_list(address)
+    return masked[0] if masked else address
+
+
 def _masked_list(recipients: str | None) -> list[str]:
     from mailqd.logging import mask_address_list  # here: mailqd.logging loads structlog, slow
 
@@ -309,16 +363,30 @@ def show(state: Context, job_id: str, out: Output) -> None:
     store = state.store
     job = store.get(job_id)
     history = store.attempts(job_id)
+    recipients = store.recipients(job_id)
     document = {
         "job": job_document(job),
+        "recipients": [_recipient_document(result) for result in recipients],
         "attempts": [_attempt_document(attempt) for attempt in history],
     }
-    out.emit(document, lambda: _render_job(job, history, state.settings.max_attempts))
+    out.emit(document, lambda: _render_job(job, history, state.settings.max_attempts, recipients))
 
 
 def job_document(job: Job) -> dict[str, Any]:
     """Every column of the job, under its column name."""
     return {name: getattr(job, name) for name in Job.__slots__}
+
+
+def _recipient_document(result: RecipientResult) -> dict[str, Any]:
+    return {
+        "address": result.address,
+        "status": result.status,
+        "smtp_code": result.smtp_code,
+        "smtp_text": result.smtp_text,
+        "relay": result.relay,
+        "attempt": result.attempt,
+        "updated_at": result.updated_at,
+    }
 
 
 def _attempt_document(attempt: Attempt) -> dict[str, Any]:
@@ -336,7 +404,9 @@ def _attempt_document(attempt: Attempt) -> dict[str, Any]:
 _LONG_FIELDS = ("body", "html")
 
 
-def _render_job(job: Job, history: list[Attempt], default_max: int) -> RenderableType:
+def _render_job(
+    job: Job, history: list[Attempt], default_max: int, recipients: list[RecipientResult]
+) -> RenderableType:
     now = datetime.now(UTC)
     fields = [
         (name, _field_text(getattr(job, name), now))
@@ -354,8 +424,23 @@ def _render_job(job: Job, history: list[Attempt], default_max: int) -> Renderabl
         parts += ["", f"--- {name} ---" if value is not None else f"--- no {name} ---"]
         if value is not None:
             parts.append(value)
+    if recipients:
+        parts += ["", _render_recipients(recipients)]
     parts += ["", _render_attempts(history)]
     return Group(*parts)
+
+
+def _render_recipients(recipients: list[RecipientResult]) -> RenderableType:
+    rows = table("recipient", "status", "smtp", "reply", "relay")
+    for result in recipients:
+        rows.add_row(
+            result.address,
+            result.status.value,
+            str(result.smtp_code or "-"),
+            result.smtp_text or "",
+            result.relay or "-",
+        )
+    return rows
 
 
 def _field_text(value: Any, now: datetime) -> str:

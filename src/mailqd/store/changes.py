@@ -1,5 +1,9 @@
 """The operator's changes to jobs: requeue, cancel, retry failed jobs, look one up, clean up.
 
+Looking up includes a job's per-recipient results (`email_recipients`,
+written when its recipients did not all fare alike) and the jobs sent with
+some recipients refused.
+
 What `mailqctl` runs. A job that does not exist is a `JobNotFoundError`,
 one in the wrong state a `JobStateError`: neither is a database problem.
 """
@@ -14,9 +18,18 @@ from typing import Any
 import sqlalchemy as sa
 
 from mailqd.errors import JobNotFoundError, JobStateError
-from mailqd.models import FINISHED_STATUSES, Attempt, Job, Outcome, Status
+from mailqd.models import (
+    FINISHED_STATUSES,
+    Attempt,
+    Job,
+    Outcome,
+    RecipientResult,
+    RecipientStatus,
+    Status,
+)
 from mailqd.store import rows
 from mailqd.store.database import Database
+from mailqd.store.relay_tables import email_recipients as er
 from mailqd.store.schema import add_seconds
 from mailqd.store.sql import a, at_time, q, status_in, status_is
 
@@ -134,6 +147,39 @@ class OperatorChanges:
                 for r in conn.execute(stmt)
             ]
 
+    def recipients(self, job_id: str) -> list[RecipientResult]:
+        """A job's per-recipient results, by address; empty when all fared alike (or no job)."""
+        stmt = sa.select(er).where(er.c.job_id == job_id).order_by(er.c.address)
+        with self._db.begin() as conn:
+            return [_recipient_result(r) for r in conn.execute(stmt)]
+
+    def list_partially_refused(self, limit: int) -> list[tuple[Job, list[RecipientResult]]]:
+        """Sent jobs that some recipients refused (5xx), most recently sent first, with
+        those refusals (by address).
+
+        Read from the refusals (`email_recipients` holds only jobs whose
+        recipients fared differently), each job then found by its key.
+        """
+        refused = er.c.status == sa.literal_column(f"'{RecipientStatus.REFUSED.value}'")
+        stmt = (
+            sa.select(q)
+            .where(status_is(Status.SENT), q.c.id.in_(sa.select(er.c.job_id).where(refused)))
+            .order_by(q.c.updated_at.desc(), q.c.id)
+            .limit(limit)
+        )
+        with self._db.begin() as conn:
+            jobs = rows.read_jobs(conn, conn.execute(stmt), stmt)
+            found: dict[str, list[RecipientResult]] = {job.id: [] for job in jobs}
+            if jobs:
+                results = (
+                    sa.select(er)
+                    .where(er.c.job_id.in_(list(found)), refused)
+                    .order_by(er.c.job_id, er.c.address)
+                )
+                for r in conn.execute(results):
+                    found[r.job_id].append(_recipient_result(r))
+        return [(job, found[job.id]) for job in jobs]
+
     def list_failed(self, limit: int) -> list[Job]:
         stmt = (
             sa.select(q)
@@ -157,7 +203,8 @@ class OperatorChanges:
         now: datetime | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> int:
-        """Delete finished jobs (and their attempts) last updated before the cutoff.
+        """Delete finished jobs (their attempts and recipient results too) last updated before
+        the cutoff.
 
         Each batch is its own short transaction, so claims never wait on a
         long delete (`Dialect.delete_batch`, `Dialect.pause_after_batch`).
@@ -178,6 +225,18 @@ class OperatorChanges:
             pause = dialect.pause_after_batch(time.monotonic() - started)
             if pause:
                 time.sleep(pause)
+
+
+def _recipient_result(row: sa.Row[Any]) -> RecipientResult:
+    return RecipientResult(
+        address=row.address,
+        status=RecipientStatus(row.status),
+        smtp_code=row.smtp_code,
+        smtp_text=row.smtp_text,
+        relay=row.relay,
+        attempt=row.attempt,
+        updated_at=row.updated_at,
+    )
 
 
 def _finished_before(older_than_days: float, now: datetime | None) -> sa.ColumnElement[bool]:

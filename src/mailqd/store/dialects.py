@@ -25,6 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from mailqd.store import completion
 from mailqd.store.completion import Completion
+from mailqd.store.relay_tables import email_recipients as er
 from mailqd.store.schema import NOTIFY_CHANNEL, add_seconds, seconds_between
 from mailqd.store.sql import a, at_time, q
 
@@ -81,7 +82,8 @@ class Dialect(ABC):
 
     @abstractmethod
     def delete_batch(self, conn: sa.Connection, cutoff: sa.ColumnElement[bool], size: int) -> int:
-        """Delete up to `size` jobs matching `cutoff` and their attempts; returns how many jobs."""
+        """Delete up to `size` jobs matching `cutoff`, their attempts and recipient results;
+        returns how many jobs."""
 
     def pause_after_batch(self, batch_seconds: float) -> float:
         """Seconds a batched cleanup leaves the database alone between batches."""
@@ -155,7 +157,8 @@ class PostgresDialect(Dialect):
         )
         gone = q.delete().where(q.c.id.in_(sa.select(picked.c.id))).returning(q.c.id).cte("gone")
         gone_attempts = a.delete().where(a.c.job_id.in_(sa.select(gone.c.id))).cte("gone_attempts")
-        count = sa.select(sa.func.count()).select_from(gone).add_cte(gone_attempts)
+        gone_results = er.delete().where(er.c.job_id.in_(sa.select(gone.c.id))).cte("gone_results")
+        count = sa.select(sa.func.count()).select_from(gone).add_cte(gone_attempts, gone_results)
         return int(conn.execute(count).scalar_one())
 
 
@@ -211,6 +214,7 @@ class SqliteDialect(Dialect):
         ids = list(conn.execute(_doomed(cutoff, size)).scalars())
         if ids:
             conn.execute(a.delete().where(a.c.job_id.in_(ids)))
+            conn.execute(er.delete().where(er.c.job_id.in_(ids)))
             conn.execute(q.delete().where(q.c.id.in_(ids)))
         return len(ids)
 

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
-from mailqd.models import Attempt, Job, NewJob, QueueCounts, QueueStats
+from mailqd.models import Attempt, Job, NewJob, QueueCounts, QueueStats, RecipientResult
 from mailqd.store import screening
 from mailqd.store.changes import CLEANUP_BATCH, OperatorChanges
 from mailqd.store.completion import Completion
@@ -225,8 +225,16 @@ class Store:
         """A job's attempts in the order they were recorded."""
         return self.changes.attempts(job_id)
 
+    def recipients(self, job_id: str) -> list[RecipientResult]:
+        """A job's per-recipient results; empty when its recipients all fared alike."""
+        return self.changes.recipients(job_id)
+
     def list_failed(self, limit: int) -> list[Job]:
         return self.changes.list_failed(limit)
+
+    def list_partially_refused(self, limit: int) -> list[tuple[Job, list[RecipientResult]]]:
+        """Sent jobs some recipients refused, most recent first, with those refusals."""
+        return self.changes.list_partially_refused(limit)
 
     def count_finished(self, older_than_days: float, now: datetime | None = None) -> int:
         """How many sent, failed or cancelled jobs `delete_finished` would remove."""
@@ -239,7 +247,7 @@ class Store:
         now: datetime | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> int:
-        """Delete finished jobs (and their attempts) last updated before the cutoff, in batches."""
+        """Delete finished jobs (attempts, recipient results) last updated before the cutoff."""
         return self.changes.delete_finished(older_than_days, batch_size, now, on_batch)
 
     # -- statistics (`mailqd.store.stats`) ---------------------------------------------

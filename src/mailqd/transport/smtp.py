@@ -126,6 +126,11 @@ class SmtpTransport:
         return self._settings
 
     @property
+    def client(self) -> aiosmtplib.SMTP:
+        """aiosmtplib's client, for `set_up`'s caller (`mailqd.transport.probe`)."""
+        return self._client
+
+    @property
     def is_connected(self) -> bool:
         return self._reader is not None and self._reader.usable
 
@@ -190,8 +195,25 @@ class SmtpTransport:
             refused = {address: (code, clean(text)) for address, (code, text) in refused.items()}
         return SendResult(smtp_code=reply.code, smtp_text=clean(reply.text), refused=refused)
 
-    async def _open(self) -> ReplyReader:
-        """Connect, greet, apply the STARTTLS policy, log in if configured; then read ourselves."""
+    async def set_up(self) -> None:
+        """A new session, set up as `send` sets it up, and no further: no MAIL is sent.
+
+        For `mailqd.transport.probe`: afterwards `client` holds what the
+        server offered in its last EHLO (also after a failure, as far as
+        the session got), and the session is the caller's to QUIT and close.
+        A failure raises the `DeliveryError` that `send` would raise for it
+        (a `RelayUnavailableError` with its reason).
+        """
+        self._phase = _Phase.CONNECT
+        try:
+            await self._set_up()
+        except DeliveryError:
+            raise
+        except Exception as exc:
+            raise self._translate(exc) from None
+
+    async def _set_up(self) -> None:
+        """Connect, greet, apply the STARTTLS policy, log in if configured."""
         settings = self._settings
         self._client.close()  # forget the last connection's state (and aiosmtplib's lock)
         await self._client.connect(timeout=settings.timeouts.connect)
@@ -208,6 +230,11 @@ class SmtpTransport:
                     "tls",
                 )
             await self._log_in(settings.username, settings.password or "")
+
+    async def _open(self) -> ReplyReader:
+        """Set the session up (`_set_up`), then read the replies ourselves."""
+        await self._set_up()
+        settings = self._settings
         transport = self._client.transport
         if transport is None or transport.is_closing():
             raise ConnectionClosed("connection lost after set-up")
