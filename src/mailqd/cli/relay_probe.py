@@ -14,20 +14,18 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import click
 
 from mailqd.cli.safe import EXIT_FAILURE
 from mailqd.config import Settings, relay_plan
-from mailqd.credentials import read_password_file, redact_url, scrub, secrets_of, smtp_password
+from mailqd.credentials import redact_url, scrub, secrets_of, shared_smtp_password
 from mailqd.errors import ConfigError
 from mailqd.printable import printable
 from mailqd.routes import RelaySpec
 from mailqd.transport.probe import ProbeReport, probe
 from mailqd.transport.settings import SmtpSettings
-from mailqd.transport.url import DEFAULT_PORTS, parse_smtp_url
+from mailqd.transport.url import relay_smtp_settings
 
 __all__ = ["ProbeTarget", "probe_targets", "report_probes"]
 
@@ -57,11 +55,12 @@ def probe_targets(settings: Settings) -> list[ProbeTarget]:
     """The plan's relays, their URLs parsed and passwords read; `ConfigError` naming the key."""
     plan = relay_plan(settings)
     default = set(plan.default_route.relays)
+    shared = shared_smtp_password(settings)
     return [
         ProbeTarget(
             name=spec.name,
             url=redact_url(spec.url),
-            smtp=_smtp_settings(spec, settings),
+            smtp=_smtp_settings(spec, settings, shared),
             default_route=spec.name in default,
         )
         for spec in plan.relays.values()
@@ -112,35 +111,14 @@ def _line(target: ProbeTarget, report: ProbeReport | None) -> str:
     return f"{where}: FAILED{route}, {words}: {report.error}{seen}"
 
 
-def _smtp_settings(spec: RelaySpec, settings: Settings) -> SmtpSettings | None:
+def _smtp_settings(
+    spec: RelaySpec, settings: Settings, shared_password: str | None
+) -> SmtpSettings | None:
     """The relay's SMTP settings as a delivery would use them; None for maildir and null."""
-    if spec.url.partition("://")[0].lower() not in DEFAULT_PORTS:
-        return None
     key = f"relays.{spec.name}" if settings.relays else "smtp_url"
     try:
-        return parse_smtp_url(
-            spec.url, password=_relay_password(spec, settings), timeout=settings.smtp_timeout
-        )
+        return relay_smtp_settings(spec, shared_password, settings.smtp_timeout)
     except ConfigError as exc:
         if key == exc.key:
             raise
         raise ConfigError(key, exc.problem) from None
-
-
-def _relay_password(spec: RelaySpec, settings: Settings) -> str | None:
-    """The relay's own password (`password`, `password_file`), else the one of `smtp_url`.
-
-    The latter as the runtime reads it (`smtp_password`), and only for a URL
-    naming a user without a password (`parse_smtp_url` refuses a second
-    password, and a password without a user).
-    """
-    if spec.password:
-        return spec.password
-    if spec.password_file:
-        return read_password_file(Path(spec.password_file), f"relays.{spec.name}.password_file")
-    if settings.relays:
-        return None
-    parts = urlsplit(spec.url)
-    if parts.username is None or parts.password is not None:
-        return None
-    return smtp_password(settings)

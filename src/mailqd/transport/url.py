@@ -39,6 +39,7 @@ __all__ = [
     "parse_smtp_url",
     "redact_url",
     "relay_factories",
+    "relay_smtp_settings",
     "tls_verification_off",
     "transport_factory",
     "transport_from_settings",
@@ -101,14 +102,24 @@ def relay_factories(
 def _relay_factory(
     spec: RelaySpec, shared_password: str | None, timeout: float
 ) -> TransportFactory:
-    if _scheme(spec.url) not in DEFAULT_PORTS:
+    smtp = relay_smtp_settings(spec, shared_password, timeout)
+    if smtp is None:
         return _factory(spec.url, password=None, timeout=timeout)
+    return partial(SmtpTransport, smtp)
+
+
+def relay_smtp_settings(
+    spec: RelaySpec, shared_password: str | None, timeout: float
+) -> SmtpSettings | None:
+    """The relay's SMTP settings as deliveries use them; None for maildir:// and null://."""
+    if _scheme(spec.url) not in DEFAULT_PORTS:
+        return None
     own = spec.password or None
     if own is None and spec.password_file:
         own = read_password_file(Path(spec.password_file), f"relays.{spec.name}.password_file")
     user, in_url = url_user_and_password(spec.url)
     password = own if own is not None else (shared_password if user and in_url is None else None)
-    return _factory(spec.url, password=password, timeout=timeout)
+    return parse_smtp_url(spec.url, password=password, timeout=timeout)
 
 
 def transport_from_url(
