@@ -66,6 +66,15 @@ email_recipients = sa.Table(
     sa.Column("updated_at", UTCDateTime, nullable=False, server_default=utcnow()),
 )
 
+# `/stats` counts the refusals of the last hour; refusals are rare, so a partial index.
+REFUSED = sa.text("status = 'refused'")
+sa.Index(
+    "ix_email_recipients_refused",
+    email_recipients.c.updated_at,
+    postgresql_where=REFUSED,
+    sqlite_where=REFUSED,
+)
+
 audit_log = sa.Table(
     "mailqd_audit",
     metadata,

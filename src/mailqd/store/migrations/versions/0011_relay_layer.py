@@ -66,6 +66,14 @@ def upgrade() -> None:
         sa.Column("attempt", sa.Integer, nullable=False, server_default="0"),
         sa.Column("updated_at", UTCDateTime, nullable=False, server_default=utcnow()),
     )
+    refused = sa.text("status = 'refused'")
+    op.create_index(
+        "ix_email_recipients_refused",
+        "email_recipients",
+        ["updated_at"],
+        postgresql_where=refused,
+        sqlite_where=refused,
+    )
     op.create_table(
         "mailqd_audit",
         _id(),
@@ -83,5 +91,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_mailqd_audit_at", table_name="mailqd_audit")
+    op.drop_index("ix_email_recipients_refused", table_name="email_recipients")
     for table in ("mailqd_audit", "email_recipients", "mailqd_relays", "mailqd_relay_state"):
         op.drop_table(table)
