@@ -20,6 +20,7 @@ from email import message_from_bytes
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from mailqd.config import Settings
 from mailqd.daemon.worker import Worker
@@ -407,3 +408,28 @@ def test_tls_and_auth_failures_open_the_breaker_at_once(
             assert relay.auths <= settings.concurrency  # not one per job
 
     run(scenario)
+
+
+def test_a_relays_rate_limit_holds_for_all_workers(
+    store: Store, db_url: str, smtp_server: SmtpServer
+) -> None:
+    """`rate_limit = 5` on the relay: 15 messages from 2 workers take at least 2 s (the
+    first 5 at once, then 5 a second), whatever the workers' own speed."""
+    settings = settings_for(
+        db_url, relays=parse_relays({"limited": {"url": smtp_server.url(), "rate_limit": 5}})
+    )
+    job_ids = enqueue(store, 15)
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with workers(settings, store, 2):
+            await until(lambda: all(store.get(j).status is Status.SENT for j in job_ids))
+            return loop.time() - started
+
+    elapsed = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert elapsed >= 1.6
+    assert len(smtp_server.messages) == 15
+    with store.engine.connect() as conn:  # the shared bucket, not a per-process pace
+        names = conn.execute(sa.text("SELECT name FROM mailqd_rate_limit")).scalars().all()
+    assert "relay:limited" in names

@@ -35,7 +35,7 @@ class Outcome(enum.StrEnum):
     EXPIRED = "expired"  # past expires_at; not sent
     LOST = "lost"  # the worker holding the job died; its lease was rescued
     DUPLICATE = "duplicate"  # same content claimed within dedup_window; cancelled, not sent
-    DEFERRED = "deferred"  # a recipient reached recipient_hourly_cap; pending, not counted
+    DEFERRED = "deferred"  # the recipient cap, or the relay failed: pending, not counted
     THROTTLED = "throttled"  # a recipient domain at its domain_rate_limits; pending, no attempt row
 
 
@@ -167,6 +167,8 @@ class WindowStats:
     """Jobs cancelled as duplicates (`dedup_window`)."""
     cap_deferred: int = 0
     """Claims put off to the next hour (`recipient_hourly_cap`)."""
+    relay_deferred: int = 0
+    """Deliveries put off because their relay failed or was down (no attempt used)."""
 
     @property
     def failure_rate(self) -> float | None:

@@ -24,7 +24,7 @@ import click
 from mailqd import __version__
 from mailqd.cli.relay_probe import probe_targets, report_probes
 from mailqd.cli.safe import EXIT_FAILURE, error_line, run_guarded
-from mailqd.config import Settings, load_settings
+from mailqd.config import Settings, load_settings, relay_plan
 from mailqd.credentials import redact_url, secrets_of, smtp_password_source
 from mailqd.daemon.supervisor import KILL_GRACE, Supervisor, WorkerEntry, open_store
 from mailqd.errors import MailqError
@@ -137,10 +137,20 @@ def check_configuration(
     password = f" (password from {source})" if source else ""
     click.echo(
         f"mailqd: configuration OK (database {redact_url(settings.database_url)}, "
-        f"schema {revision}, smtp {redact_url(settings.smtp_url)}{password}, "
+        f"schema {revision}, {_relays(settings)}{password}, "
         f"{settings.workers} worker{plural}{_domain_limits(settings)})"
     )
     return report_probes(settings, targets) if probe else 0
+
+
+def _relays(settings: Settings) -> str:
+    """`smtp URL` for one relay; else `relays NAME URL, ...` and the number of routes."""
+    plan = relay_plan(settings)
+    if len(plan.relays) == 1 and not settings.relays:
+        return f"smtp {redact_url(settings.smtp_url)}"
+    named = ", ".join(f"{name} {redact_url(spec.url)}" for name, spec in plan.relays.items())
+    routes = len(plan.routes)
+    return f"relays {named}; {routes} route{'' if routes == 1 else 's'}"
 
 
 def _domain_limits(settings: Settings) -> str:

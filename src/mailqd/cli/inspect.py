@@ -164,6 +164,7 @@ def _window_document(window: WindowStats) -> dict[str, Any]:
         "attempts": window.attempts,
         "deduplicated": window.deduplicated,
         "deferred_by_recipient_cap": window.cap_deferred,
+        "deferred_by_relay": window.relay_deferred,
     }
 
 
@@ -213,6 +214,11 @@ def render_stats(
             ]
         )
         parts += ["", held_back]
+    if hour.relay_deferred:
+        parts += [
+            "",
+            key_value_table([("deferred, relay down (last hour)", str(hour.relay_deferred))]),
+        ]
     shown_limits = None if limits is None else limits.render()
     if shown_limits is not None:
         parts += ["", shown_limits]

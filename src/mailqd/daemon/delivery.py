@@ -51,6 +51,8 @@ __all__ = ["Deliverer", "SettledRecipients"]
 log = structlog.get_logger()
 
 _LOGGED_RECIPIENTS = 5
+_MEASURED = 1e-6
+"""A delivery's `deferred` row always has a duration; the claim's (recipient cap) has 0."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +355,7 @@ class Deliverer:
             error=error or str(exc),
             retry_in_seconds=delay * random.uniform(1.0, 1.1),
             message_id=message_id,
+            min_duration=_MEASURED,
         )
 
     def _after_error(
@@ -403,6 +406,7 @@ class Deliverer:
         retry_in_seconds: float = 0.0,
         message_id: str | None = None,
         recipients: tuple[RecipientResult, ...] = (),
+        min_duration: float = 0.0,
     ) -> Completion:
         return Completion(
             job_id=attempt.job.id,
@@ -410,7 +414,7 @@ class Deliverer:
             attempt=attempt.number,
             outcome=outcome,
             started_at=attempt.started_at,
-            duration_seconds=time.monotonic() - attempt.started,
+            duration_seconds=max(min_duration, time.monotonic() - attempt.started),
             smtp_code=smtp_code,
             smtp_text=smtp_text,
             error=error,

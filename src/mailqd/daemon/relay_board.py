@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -30,6 +30,7 @@ from mailqd.breaker import BreakerPolicy, RelayState, after_failure, after_succe
 from mailqd.daemon.events import Events
 from mailqd.daemon.periodic import Schedule
 from mailqd.daemon.ports import Clock, DatabaseClock
+from mailqd.daemon.ratelimit import RateLimiter
 from mailqd.errors import RelayUnavailableError, StoreError
 from mailqd.logging import mask_addresses_in
 from mailqd.routes import RelayPlan
@@ -92,6 +93,7 @@ class RelayBoard:
         metrics: RelayMetrics | None = None,
         on_up: Callable[[], None] | None = None,
         refresh_every: float = REFRESH_SECONDS,
+        rate_limiters: Mapping[str, RateLimiter] | None = None,
     ) -> None:
         self._health = health
         self._plan = plan
@@ -104,6 +106,9 @@ class RelayBoard:
         self._log = structlog.get_logger().bind(worker=owner)
         self._states = {name: RelayState(name) for name in plan.relays}
         self._reserved: set[str] = set()
+        self._limiters = dict(rate_limiters or {})
+        self._tokens: dict[str, int] = {}
+        self._never = asyncio.Event()
         self.schedule = Schedule(refresh_every, jitter=0.2, stagger=True)
 
     @property
@@ -118,11 +123,27 @@ class RelayBoard:
     async def admit(self, relay: str) -> bool:
         state = self._states[relay]
         if state.up:
+            if relay in self._limiters:
+                await self._token(relay)
             return True
         if relay in self._reserved:  # the producer took this probe for the job it claimed
             self._reserved.discard(relay)
             return True
         return await self._take_probe(relay)
+
+    async def _token(self, relay: str) -> None:
+        """Wait for one of the relay's `rate_limit` tokens (shared by all daemons).
+
+        Taken from the store a few at a time (a tenth of a second's worth),
+        so that a limited relay costs one round trip per few messages.
+        """
+        if self._tokens.get(relay, 0) > 0:
+            self._tokens[relay] -= 1
+            return
+        limiter = self._limiters[relay]
+        want = max(1, int(limiter.rate / 10))
+        granted = await limiter.acquire(want, self._never)
+        self._tokens[relay] = granted - 1
 
     async def _take_probe(self, relay: str) -> bool:
         state = self._states[relay]

@@ -323,6 +323,7 @@ class Sidecar:
                 "recent_attempts_1h": stats.last_1h.attempts,
                 "deduplicated_1h": stats.last_1h.deduplicated,
                 "deferred_by_recipient_cap_1h": stats.last_1h.cap_deferred,
+                "deferred_by_relay_1h": stats.last_1h.relay_deferred,
                 "recipients_refused_1h": answer.recipients_refused_1h,
             },
             "relays": [relay.as_json() for relay in relays.relays] if relays is not None else [],

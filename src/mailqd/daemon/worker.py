@@ -165,6 +165,13 @@ class Worker:
             events=self.events,
             metrics=self._metrics,
             on_up=self._relay_up,
+            rate_limiters={
+                name: RateLimiter(
+                    self.store, spec.rate_limit, bucket=f"relay:{name}", clock=self.clock
+                )
+                for name, spec in plan.relays.items()
+                if spec.rate_limit > 0
+            },
         )
 
     def _relay_up(self) -> None:

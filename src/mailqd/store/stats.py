@@ -83,8 +83,8 @@ class Statistics:
             retries_waiting=retrying,
             retries_due_soon=soon,
             soon_seconds=soon_seconds,
-            last_5m=WindowStats(_FIVE_MINUTES, sent_5m, failed_5m, *attempts[:3]),
-            last_1h=WindowStats(_HOUR, sent_1h, failed_1h, *attempts[3:]),
+            last_5m=WindowStats(_FIVE_MINUTES, sent_5m, failed_5m, *attempts[:4]),
+            last_1h=WindowStats(_HOUR, sent_1h, failed_1h, *attempts[4:]),
             unleased=unleased,
         )
 
@@ -184,17 +184,21 @@ def _finished(at: sa.ColumnElement[datetime]) -> sa.Select[int, int, int, int]:
     ).where(status_in(Status.SENT, Status.FAILED), ended_recently)
 
 
-def _attempts(at: sa.ColumnElement[datetime]) -> sa.Select[int, int, int, int, int, int]:
-    """Attempts tried, duplicates and deferrals, in the last 5 minutes then the last hour."""
+def _attempts(at: sa.ColumnElement[datetime]) -> sa.Select[*tuple[int, ...]]:
+    """Attempts tried, duplicates, cap deferrals and relay deferrals, in the last 5 minutes
+    then the last hour.
+
+    Both deferrals are `deferred` rows (pending again, no attempt used): the
+    claim's screening writes the recipient cap's with a duration of 0, a
+    delivery whose relay failed writes its own with the time it took.
+    """
     hour_ago, five_min_ago = add_seconds(at, -_HOUR), add_seconds(at, -_FIVE_MINUTES)
     in_5m = a.c.started_at > five_min_ago
     tried = a.c.outcome.not_in(SCREENED_OUTCOMES)
     duplicate, deferred = a.c.outcome == Outcome.DUPLICATE, a.c.outcome == Outcome.DEFERRED
+    capped, by_relay = deferred & (a.c.duration_seconds == 0), deferred & (a.c.duration_seconds > 0)
+    kinds = (tried, duplicate, capped, by_relay)
     return sa.select(
-        sa.func.count().filter(tried & in_5m),
-        sa.func.count().filter(duplicate & in_5m),
-        sa.func.count().filter(deferred & in_5m),
-        sa.func.count().filter(tried),
-        sa.func.count().filter(duplicate),
-        sa.func.count().filter(deferred),
+        *(sa.func.count().filter(kind & in_5m) for kind in kinds),
+        *(sa.func.count().filter(kind) for kind in kinds),
     ).where(a.c.started_at > hour_ago, a.c.started_at <= at)
