@@ -61,6 +61,7 @@ DRAIN_KEYS = {
     "deduplicated",
     "deferred_by_recipient_cap",
     "throttled_by_domain_limit",
+    "deferred_by_relay",
 }
 CLEANUP_KEYS = {"days", "dry_run", "deleted", "batches", "seconds", "longest_batch_seconds"}
 

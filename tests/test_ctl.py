@@ -41,6 +41,7 @@ WINDOW_KEYS = {
     "attempts",
     "deduplicated",
     "deferred_by_recipient_cap",
+    "deferred_by_relay",
 }
 FAILED_KEYS = {"id", "to", "subject", "attempts", "max_attempts", "last_error", "failed_at"}
 ATTEMPT_KEYS = {
@@ -142,6 +143,7 @@ def test_stats_counts_windows_and_json_keys(store: Store, db_url: str, tmp_path:
         "attempts": 1,
         "deduplicated": 0,
         "deferred_by_recipient_cap": 0,
+        "deferred_by_relay": 0,
     }
     assert document["last_1h"]["failed"] == 1
     assert document["last_1h"]["failure_rate"] == 0.5

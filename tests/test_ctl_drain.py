@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import sqlalchemy as sa
 
 from ctl_process import DRAIN_KEYS, MAILQCTL, TIMEOUT, ctl_env, mailqctl, ok_json
 from mailqd.models import Outcome, Status
@@ -115,22 +116,28 @@ def test_drain_returns_jobs_of_a_dead_daemon_first(
     assert smtp_server.messages[0].rcpt_tos == ("stuck@example.com",)
 
 
-def test_retry_after_an_smtp_outage_delivers_every_failed_job_once(
+def test_drain_during_an_smtp_outage_defers_and_a_later_drain_delivers_each_job_once(
     store: Store, db_url: str
 ) -> None:
+    """A relay outage fails nothing, even with one attempt allowed (#16): the jobs are
+    deferred, their attempt not used, and the next drain once the relay is back sends
+    each exactly once."""
     port = _free_port()
     ids = [enqueue(store, f"user{i}@example.com") for i in range(8)]
     env = drain_env(f"smtp://127.0.0.1:{port}", MAILQD_MAX_ATTEMPTS="1")
 
     outage = mailqctl("drain", "--json", db=db_url, env=env)  # nothing listens on the port
-    assert outage.returncode == 1
-    assert json.loads(outage.stdout)["failed"] == 8
-    failed = ok_json(mailqctl("failed", "--json", db=db_url))["jobs"]
-    assert sorted(j["id"] for j in failed) == sorted(ids)
-    assert all("connect" in j["last_error"] for j in failed)
+    assert outage.returncode == 0
+    document = json.loads(outage.stdout)
+    assert (document["failed"], document["deferred_by_relay"]) == (0, 8)
+    assert ok_json(mailqctl("failed", "--json", db=db_url))["jobs"] == []
+    assert {store.get(j).attempts for j in ids} == {0}
+    assert all("connect" in (store.get(j).last_error or "") for j in ids)
 
+    with store.engine.begin() as conn:  # due now, as if the relay's next probe had come
+        conn.execute(sa.text("UPDATE email_queue SET next_attempt_at = CURRENT_TIMESTAMP"))
+        conn.execute(sa.text("DELETE FROM mailqd_relay_state"))
     with SmtpServer(port=port) as server:  # the relay is back
-        assert ok_json(mailqctl("retry", "--all", "--json", db=db_url)) == {"requeued": 8}
         document = ok_json(mailqctl("drain", "--json", db=db_url, env=env))
         assert (document["claimed"], document["sent"]) == (8, 8)
         received = server.wait_for_messages(8)
@@ -140,7 +147,7 @@ def test_retry_after_an_smtp_outage_delivers_every_failed_job_once(
     assert len({m.parsed()["Message-ID"] for m in received}) == 8
     assert store.counts().by_status == {Status.SENT: 8}
     for job_id in ids:
-        assert [a.outcome for a in store.attempts(job_id)] == [Outcome.FAILED, Outcome.SENT]
+        assert [a.outcome for a in store.attempts(job_id)] == [Outcome.DEFERRED, Outcome.SENT]
 
 
 def _free_port() -> int:

@@ -128,7 +128,12 @@ def test_transient_permanent_and_outage_outcomes(
     smtp_server.data_replies.append("451 4.3.0 try again later")
     smtp_server.rcpt_replies["nobody@example.com"] = "550 5.1.1 no such user"
     env = daemon_env(
-        db_url, smtp_server, MAILQD_WORKERS="1", MAILQD_CONCURRENCY="1", MAILQD_BACKOFF_BASE="0.3"
+        db_url,
+        smtp_server,
+        MAILQD_WORKERS="1",
+        MAILQD_CONCURRENCY="1",
+        MAILQD_BACKOFF_BASE="0.3",
+        MAILQD_RELAY_PROBE_INTERVAL="0.5",
     )
     with Client(db_url) as client:
         retried = client.enqueue("a@example.com", "retried", "x")
@@ -144,14 +149,16 @@ def test_transient_permanent_and_outage_outcomes(
     assert (attempt.outcome, attempt.smtp_code) == (Outcome.FAILED, 550)
     assert "550" in (store.get(bounced).last_error or "")
 
-    # The server goes away: the job is retried, and delivered once it is back.
+    # The server goes away: the job is deferred (no attempt used: the relay failed, not
+    # the message), and delivered once it is back.
     smtp_server.stop()
     with Client(db_url) as client:
         waited = client.enqueue("b@example.com", "waited", "x")
     daemon.wait_for(
-        lambda: any(a.outcome is Outcome.RETRY for a in store.attempts(waited)),
-        "a retry while the server is down",
+        lambda: any(a.outcome is Outcome.DEFERRED for a in store.attempts(waited)),
+        "a deferral while the server is down",
     )
+    assert store.get(waited).attempts == 0
     back = SmtpServer(port=smtp_server.port)
     with back:
         daemon.wait_for(
@@ -159,6 +166,7 @@ def test_transient_permanent_and_outage_outcomes(
         )
         assert [m.parsed()["Subject"] for m in back.messages] == ["waited"]
         stop(daemon)
+    assert store.get(waited).attempts == 1
 
 
 def test_killed_worker_mid_send_is_replaced_and_the_job_sent_with_the_same_message_id(

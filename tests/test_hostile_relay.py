@@ -387,7 +387,7 @@ def test_worker_stores_echoed_credentials_redacted(store: Store, db_url: str) ->
         async with ScriptedRelay(*scripts) as relay:
             url = relay.url(f"{USER.replace('@', '%40')}:{PASSWORD}")
             settings = worker_settings(db_url, url, relay_probe_interval=0.2)
-            await work_until(store, settings, lambda t: t.deferred >= 1 and t.sent >= 2)
+            await work_until(store, settings, lambda t: t.relay_deferred >= 1 and t.sent >= 2)
             assert PLAIN.encode() in relay.connections[0].auth_sent
 
     job_ids = enqueue_two(store)

@@ -424,6 +424,7 @@ def test_stats_has_the_seed_shape_and_matches_the_database(
         "recent_attempts_1h": 6,
         "deduplicated_1h": 0,
         "deferred_by_recipient_cap_1h": 0,
+        "deferred_by_relay_1h": 0,
         "recipients_refused_1h": 0,
     }
     service = data["service"]

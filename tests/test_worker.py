@@ -281,7 +281,7 @@ def test_smtp_server_down_defers_without_using_attempts_and_delivers_when_it_ret
 
     async def scenario() -> None:
         async with running(Worker(settings, store, "w1", smtp_factory(settings))) as worker:
-            await worker.wait_until(lambda t: t.deferred >= 2, DEADLINE)
+            await worker.wait_until(lambda t: t.relay_deferred >= 2, DEADLINE)
             server = SmtpServer(port=port)
             await asyncio.to_thread(server.start)
             try:

@@ -78,7 +78,7 @@ class Settings:
     """Consecutive relay failures (all workers together) that mark a relay down."""
     relay_probe_interval: float = 5.0
     """Seconds from marking a relay down to its first probe; doubled after each failed probe ..."""
-    relay_probe_max: float = 300.0
+    relay_probe_max: float = 60.0
     """... up to this."""
     relays: tuple[RelaySpec, ...] = ()
     """TOML `[relays.NAME]` tables; when given, they replace `smtp_url`."""

@@ -53,7 +53,7 @@ class RelaySpec:
     password: str = field(default="", repr=False)
     password_file: str = ""
     source: str = "config"
-    """Where it was defined: `config` (TOML or `smtp_url`) or `database` (`mailqctl relays`)."""
+    """Where it was defined: `smtp_url`, `config` (TOML `[relays.NAME]`) or `database`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +154,9 @@ def relays_from_url(smtp_url: str) -> tuple[RelaySpec, ...]:
     urls = smtp_url.split()
     if not urls:
         raise ConfigError("smtp_url", "is empty; expected e.g. smtp://host:25")
-    return tuple(RelaySpec(name=f"relay{i}", url=url) for i, url in enumerate(urls, 1))
+    return tuple(
+        RelaySpec(name=f"relay{i}", url=url, source="smtp_url") for i, url in enumerate(urls, 1)
+    )
 
 
 def parse_relays(raw: Any) -> tuple[RelaySpec, ...]:

@@ -169,10 +169,11 @@ def drain(state: Context, max_messages: int | None, verbose: bool, out: Output) 
         "expired": totals.expired,
         "deduplicated": totals.deduplicated,
         "deferred_by_recipient_cap": totals.deferred,
+        "deferred_by_relay": totals.relay_deferred,
         "throttled_by_domain_limit": totals.throttled,
     }
     out.emit(document, lambda: _drain_summary(document))
-    if totals.sent + totals.deduplicated < totals.claimed:
+    if totals.sent + totals.deduplicated + totals.relay_deferred < totals.claimed:
         sys.exit(EXIT_FAILURE)
 
 
@@ -213,6 +214,8 @@ def _drain_summary(document: dict[str, int]) -> str:
             )
         if document["throttled_by_domain_limit"]:
             held_back += f", {document['throttled_by_domain_limit']} put off by domain rate limits"
+        if document["deferred_by_relay"]:
+            held_back += f", {document['deferred_by_relay']} deferred: the relay failed or is down"
         lines.append(
             f"drained {plural(document['claimed'], 'job')}: "
             f"{document['sent']} sent, {retried} retried later, {failed} failed{held_back}"

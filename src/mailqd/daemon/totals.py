@@ -28,6 +28,8 @@ class BatchResult:
     """Not sent yet: a recipient reached `recipient_hourly_cap` (pending, next hour)."""
     throttled: int = 0
     """Not sent yet: a recipient domain was at its `domain_rate_limits` (pending, soon)."""
+    relay_deferred: int = 0
+    """Not sent yet: the relay failed or was down (pending, no attempt used)."""
 
     @property
     def recorded(self) -> int:
@@ -41,11 +43,14 @@ class BatchResult:
             + self.deduplicated
             + self.deferred
             + self.throttled
+            + self.relay_deferred
         )
 
     def count(self, completions: Iterable[Completion | Screened]) -> None:
         for completion in completions:
             field = _RESULT_FIELD[completion.outcome]
+            if field == "deferred" and isinstance(completion, Completion):
+                field = "relay_deferred"  # a delivery's deferral; the claim's is the cap
             setattr(self, field, getattr(self, field) + 1)
 
 

@@ -93,7 +93,7 @@ def relay_factories(
         try:
             factories[name] = _relay_factory(spec, shared_password, timeout)
         except ConfigError as exc:
-            if spec.name.startswith("relay") and spec.source == "config" and len(plan.relays) == 1:
+            if spec.source == "smtp_url":
                 raise
             raise ConfigError(f"relays.{name}", exc.problem) from None
     return factories
