@@ -178,3 +178,21 @@ def test_sync_sees_each_change_once_and_keeps_a_relay_that_turns_bad(
         assert sync.merged(settings) is settings
     finally:
         sync.close()
+
+
+def test_a_relay_naming_only_a_user_logs_in_with_the_daemons_smtp_password(
+    store: Store, db_url: str
+) -> None:
+    with store.engine.begin() as conn:  # no password of its own (mailqctl would ask for one)
+        conn.execute(relays_table.insert().values(name="shared", url="smtp://app@127.0.0.1:2525"))
+    base = {"MAILQD_DATABASE_URL": db_url, "MAILQD_SMTP_URL": "null://"}
+    for env, expected in (
+        ({**base, "MAILQD_SMTP_PASSWORD": PASSWORD}, ["relay1", "shared"]),
+        (base, []),  # nothing to log in with: left out, not a failed reload
+    ):
+        sync = RelaySync(Store.from_url)
+        try:
+            merged = sync.merged(load_settings(env=env))
+            assert [r.name for r in merged.relays] == expected
+        finally:
+            sync.close()

@@ -15,9 +15,14 @@ import pytest
 
 from ctl_process import invoke
 from daemon_process import DaemonPool, DaemonProcess
+from mailqd import Client
+from mailqd.metrics import WorkerMetrics
+from mailqd.models import Status
 from mailqd.secrets import generate_key_file
 from mailqd.store import Store
 from mailqd.store.relay_tables import relays as relays_table
+from pg import free_port
+from smtp_server import SmtpServer
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -81,3 +86,46 @@ def test_a_relay_added_in_the_database_is_picked_up_without_a_restart(
     assert PASSWORD not in daemon.log_text()
     daemon.send(15)
     assert daemon.wait_exit() == 0
+
+
+@pytest.mark.skipif(
+    not hasattr(WorkerMetrics, "relay_failed"),
+    reason="the worker's metrics have no relay_failed yet (issue 16, item 6): a relay failure "
+    "would crash the send instead of failing over",
+)
+def test_a_daemon_whose_relay_is_down_delivers_through_a_relay_added_in_the_database(
+    daemons: DaemonPool, db_url: str
+) -> None:
+    closed = f"smtp://127.0.0.1:{free_port()}?starttls=off&timeout=2"
+    env = {
+        "MAILQD_DATABASE_URL": db_url,
+        "MAILQD_SMTP_URL": closed,
+        "MAILQD_WORKERS": "1",
+        "MAILQD_POLL_INTERVAL": "0.2",
+        "MAILQD_MAX_ATTEMPTS": "1",
+    }
+    with SmtpServer() as smtp, Client(db_url) as client:
+        daemon = daemons.mailqd(env)
+        daemon.wait_for_workers(1)
+        job_id = client.enqueue("someone@example.com", "through the new relay", "body")
+        store = Store.from_url(db_url)
+        try:
+            daemon.wait_for(
+                lambda: any(
+                    s.relay == "relay1" and s.failures for s in store.relay_health.states()
+                ),
+                "the config's relay to fail",
+            )
+            added = invoke(
+                "relays", "add", "working", smtp.url(starttls="off"), "--position", "0",
+                db=db_url, env=env,
+            )  # fmt: skip
+            assert added.returncode == 0, added.stderr
+            [message] = smtp.wait_for_messages(1, timeout=PICK_UP + 10)
+            assert list(message.rcpt_tos) == ["someone@example.com"]
+            daemon.wait_for(lambda: store.get(job_id).status is Status.SENT, "the job sent")
+            assert store.get(job_id).attempts <= 1  # the relay outage used no attempt
+        finally:
+            store.close()
+        daemon.send(15)
+        assert daemon.wait_exit() == 0

@@ -123,8 +123,9 @@ def _check_url(name: str, url: str, *, has_password: bool) -> None:
             f"names the user {user[0]!r} but no password is given; add --password-file FILE "
             "or --password-stdin",
         )
+    placeholder = "placeholder" if has_password and user[1] else ""
     try:
-        check_relay(name, url, "placeholder" if has_password and user[1] else None)
+        check_relay(RelaySpec(name, url, password=placeholder, source="database"))
     except ConfigError as exc:
         raise ValidationError("url", exc.problem) from None
 

@@ -23,6 +23,7 @@ database's relays, a new runtime, new workers (`Supervisor.reload`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 import structlog
 
 from mailqd.config import Settings, relay_plan
-from mailqd.credentials import smtp_password
+from mailqd.credentials import shared_smtp_password
 from mailqd.errors import ConfigError, MailqError
 from mailqd.routes import RelaySpec, RouteSpec, parse_relays, relays_from_url
 from mailqd.runtime import Runtime
@@ -68,30 +69,44 @@ class DatabaseRelay:
         return self.spec.name
 
 
-def check_relay(name: str, url: str, password: str | None) -> None:
-    """`ConfigError` (key `relays.NAME`) unless the daemon can build a transport for the relay."""
-    from mailqd.transport.url import transport_from_url
+def check_relay(spec: RelaySpec, shared_password: str | None = None) -> None:
+    """`ConfigError` (key `relays.NAME`) unless the runtime can build the relay's transport.
 
-    parse_relays({name: {"url": url}})
-    try:
-        transport_from_url(url, password=password)
-    except ConfigError as exc:
-        raise ConfigError(f"relays.{name}.url", exc.problem) from None
+    The runtime's own rule (`mailqd.transport.url.relay_factories`): the
+    relay's password, else the one in its URL, else the shared SMTP
+    password for a URL naming a user.
+    """
+    from mailqd.routes import RelayPlan
+    from mailqd.transport.url import relay_factories
+
+    parse_relays({spec.name: {"url": spec.url}})
+    relay_factories(RelayPlan.build([spec], []), shared_password, 30.0)
 
 
 def database_relays(
-    store: Store, box: SecretBox | None, *, process: str = "mailqd supervisor"
+    store: Store,
+    box: SecretBox | None,
+    *,
+    shared_password: str | None = None,
+    process: str = "mailqd supervisor",
 ) -> tuple[DatabaseRelay, ...]:
-    """The usable relays of the database; unusable ones are logged and left out."""
-    return tuple(relay for relay in _read(store, box, process) if isinstance(relay, DatabaseRelay))
+    """The usable relays of the database; unusable ones are logged and left out.
+
+    `shared_password` is the daemon's SMTP password (`shared_smtp_password`),
+    which a relay whose URL names only a user logs in with.
+    """
+    found = _read(store, box, shared_password, process)
+    return tuple(relay for relay in found if isinstance(relay, DatabaseRelay))
 
 
-def _read(store: Store, box: SecretBox | None, process: str) -> list[DatabaseRelay | str]:
+def _read(
+    store: Store, box: SecretBox | None, shared_password: str | None, process: str
+) -> list[DatabaseRelay | str]:
     """Each row as a `DatabaseRelay`, or its name when it cannot be used (logged)."""
     found: list[DatabaseRelay | str] = []
     for row in store.relay_registry.all():
         try:
-            relay = _usable(row, box)
+            relay = _usable(row, box, shared_password)
         except MailqError as exc:
             log.error(
                 "a relay in the database cannot be used; left out", relay=row.name, error=str(exc)
@@ -109,10 +124,10 @@ def _read(store: Store, box: SecretBox | None, process: str) -> list[DatabaseRel
     return found
 
 
-def _usable(row: StoredRelay, box: SecretBox | None) -> DatabaseRelay:
-    password = row.password(box)
-    check_relay(row.name, row.url, password)
+def _usable(row: StoredRelay, box: SecretBox | None, shared_password: str | None) -> DatabaseRelay:
     from mailqd.config import rate_limited_domain
+
+    password = row.password(box)
 
     domains = []
     for entry in row.recipient_domains:
@@ -128,6 +143,7 @@ def _usable(row: StoredRelay, box: SecretBox | None) -> DatabaseRelay:
         password=password or "",
         source="database",
     )
+    check_relay(spec, shared_password)
     return DatabaseRelay(spec, row.position, tuple(domains))
 
 
@@ -168,16 +184,19 @@ def settings_with_database_relays(settings: Settings, relays: Sequence[DatabaseR
 
 
 def _config_relays(settings: Settings) -> tuple[RelaySpec, ...]:
-    """The config's relays, each with its password: `smtp_url`'s get the SMTP password."""
+    """The config's relays: TOML's, else `smtp_url`'s (the shared SMTP password still applies)."""
     if settings.relays:
         return tuple(relay for relay in settings.relays if relay.source != "database")
-    from_url = relays_from_url(settings.smtp_url)
-    password = smtp_password(settings)
-    if not password:
-        return from_url
-    return tuple(
-        RelaySpec(name=r.name, url=r.url, password=password, source=r.source) for r in from_url
-    )
+    return relays_from_url(settings.smtp_url)
+
+
+def _shared_password(settings: Settings) -> str | None:
+    """The shared SMTP password as the runtime resolves it for merged settings (named relays)."""
+    named = dataclasses.replace(settings, relays=_config_relays(settings))
+    try:
+        return shared_smtp_password(named)
+    except ConfigError:
+        return None  # the reload reports it, naming the key
 
 
 class RelaySync:
@@ -280,7 +299,7 @@ class RelaySync:
             store = self._store(settings.database_url)
             version = store.relay_registry.version()
             box = load_secret_box(settings.secrets_key_file)
-            found = _read(store, box, "mailqd supervisor")
+            found = _read(store, box, _shared_password(settings), "mailqd supervisor")
         except MailqError as exc:
             log.error(
                 "cannot read the relays in the database; keeping the previous ones",
