@@ -12,11 +12,13 @@ import json
 import os
 import pwd
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
 import pytest
 import sqlalchemy as sa
+from psycopg import sql
 from sqlalchemy.engine import make_url
 
 from ctl_process import error_line, invoke, mailqctl, ok_json
@@ -236,8 +238,6 @@ def test_list_shows_a_down_relay_with_its_last_error(
 
 
 def test_the_enqueue_role_cannot_read_relays_or_the_audit(pg_url: str, env: dict[str, str]) -> None:
-    from psycopg import sql
-
     assert invoke("relays", "add", "r", "null://", db=pg_url, env=env).returncode == 0
     name = f"mailqd_enqueue_{os.urandom(4).hex()}"
     assert invoke("grant-enqueue", name, "--create", db=pg_url).returncode == 0
@@ -262,3 +262,22 @@ def test_the_enqueue_role_cannot_read_relays_or_the_audit(pg_url: str, env: dict
         with psycopg.connect(libpq_url(pg_url), autocommit=True) as admin:
             admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
             admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+def test_audit_record_is_there_for_any_command_and_since_filters(
+    db: str, env: dict[str, str], store: Store
+) -> None:
+    long_ago = datetime.now(UTC) - timedelta(days=3)
+    store.audit.record("retry", filter="--all", affected=3, now=long_ago)
+    store.audit.record("cancel", target="0190aa", affected=1, detail={"was": "pending"})
+    recent = ok_json(invoke("audit", "--since", "2d", "--json", db=db, env=env))["entries"]
+    assert [(e["command"], e["target"], e["detail"]) for e in recent] == [
+        ("cancel", "0190aa", '{"was":"pending"}')
+    ]
+    every = store.audit.entries()
+    assert [(e.command, e.filter, e.affected, e.os_user) for e in every] == [
+        ("cancel", None, 1, OS_USER),
+        ("retry", "--all", 3, OS_USER),
+    ]
+    text = invoke("audit", db=db, env=env).stdout
+    assert "retry" in text and "--all" in text and text.rstrip().endswith("2 entries")
