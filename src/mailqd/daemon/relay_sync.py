@@ -128,7 +128,6 @@ def _usable(row: StoredRelay, box: SecretBox | None, shared_password: str | None
     from mailqd.config import rate_limited_domain
 
     password = row.password(box)
-
     domains = []
     for entry in row.recipient_domains:
         domain = rate_limited_domain(entry.strip())
