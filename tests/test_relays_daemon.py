@@ -16,7 +16,6 @@ import pytest
 from ctl_process import invoke
 from daemon_process import DaemonPool, DaemonProcess
 from mailqd import Client
-from mailqd.metrics import WorkerMetrics
 from mailqd.models import Status
 from mailqd.secrets import generate_key_file
 from mailqd.store import Store
@@ -88,11 +87,6 @@ def test_a_relay_added_in_the_database_is_picked_up_without_a_restart(
     assert daemon.wait_exit() == 0
 
 
-@pytest.mark.skipif(
-    not hasattr(WorkerMetrics, "relay_failed"),
-    reason="the worker's metrics have no relay_failed yet (issue 16, item 6): a relay failure "
-    "would crash the send instead of failing over",
-)
 def test_a_daemon_whose_relay_is_down_delivers_through_a_relay_added_in_the_database(
     daemons: DaemonPool, db_url: str
 ) -> None:
