@@ -32,6 +32,8 @@ EVERY_COMMAND = [
     ["enqueue", "--to", "a@example.com", "--body", "b"],
     ["templates", "list"],
     ["grant-enqueue", "some_role"],
+    ["relays", "list"],
+    ["audit"],
 ]
 """Every command but `migrate`, with the arguments it needs to reach the database."""
 

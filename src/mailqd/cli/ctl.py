@@ -37,6 +37,10 @@ __all__ = ["COMMANDS", "Context", "cli", "main", "reports_errors"]
 # name -> ("module:attribute", short help). The short help is the first sentence
 # of the command's docstring, as click would print it.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "audit": (
+        "mailqd.cli.audit:audit",
+        "Who changed what and when: relay changes, and daemons unsealing relay passwords.",
+    ),
     "cancel": (
         "mailqd.cli.repair:cancel",
         "Stop a pending job from being sent (a job being sent right now cannot be stopped).",
@@ -65,6 +69,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "migrate": (
         "mailqd.cli.maintain:migrate",
         "Create or upgrade the mailqd tables to this version's schema.",
+    ),
+    "relays": (
+        "mailqd.cli.relays:relays",
+        "Relays kept in the database, used by every daemon at once beside the config file's.",
     ),
     "requeue": (
         "mailqd.cli.repair:requeue",

@@ -23,6 +23,11 @@ dispatches to the `handle_*` methods):
   with the new settings and the old generation is stopped gracefully.
 - SIGCHLD: reap exited workers.
 
+Relays kept in the database (`mailqctl relays`) are merged into the
+settings at start and at every reload (`mailqd.daemon.relay_sync`); the
+main loop looks at their version every 2 s, and a change reloads as
+SIGHUP does.
+
 The settings are turned into a `Runtime` (`mailqd.runtime`: the parsed SMTP
 URL and password, the secrets box, the DKIM signer, limits, backoff and
 screening) once at start and once per successful reload, before forking:
@@ -74,6 +79,7 @@ from mailqd.daemon.processes import (
     murder_hung,
     terminate,
 )
+from mailqd.daemon.relay_sync import RelaySync
 from mailqd.daemon.sidecar_host import FORK_LOCK_WAIT, SidecarHost
 from mailqd.daemon.systemd import SystemdNotifier
 from mailqd.daemon.wakeup import SignalQueue
@@ -153,6 +159,7 @@ class Supervisor:
         self._spawn_at: dict[int, float] = {}
         self._signals = SignalQueue()
         self._stores = SupervisorStores()
+        self._relays = RelaySync()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -164,7 +171,7 @@ class Supervisor:
         any worker is started.
         """
         revision = self.check_database(self.settings)
-        runtime = self.runtime or Runtime.build(self.settings)
+        runtime = self._relays.runtime(self.settings, built=self.runtime)
         self._resolve_worker_entry()
         self._sidecar.start(
             self.settings.metrics_listen,
@@ -193,6 +200,7 @@ class Supervisor:
             self._signals.remove()
             self._sidecar.stop()
             self._stores.close()
+            self._relays.close()
         log.info("mailqd stopped", exit_code=self.exit_code)
         return self.exit_code
 
@@ -207,6 +215,8 @@ class Supervisor:
             self._signals.sleep(self._next_timeout())
             self._signals.dispatch(self._handlers())
             self.reap_workers()
+            if not self.stopping and self._relays.changed(self.settings.database_url):
+                self.reload("relays changed in the database")
             if not self.stopping:
                 self.murder_hung_workers()
                 self.spawn_due_workers()
@@ -288,7 +298,7 @@ class Supervisor:
             worker.retiring = True
             kill(worker)
 
-    def reload(self) -> None:
+    def reload(self, reason: str = "SIGHUP") -> None:
         """Re-read the settings and rebuild the runtime; on success replace the workers.
 
         If the settings are invalid, a runtime part cannot be built (a key
@@ -296,11 +306,11 @@ class Supervisor:
         workers keep running with the current runtime.
         """
         self._systemd.notify("RELOADING=1")
-        log.info("reloading configuration")
+        log.info("reloading configuration", reason=reason)
         try:
             settings = self._load_settings() if self._load_settings else self.settings
             self.check_database(settings)
-            runtime = Runtime.build(settings)
+            runtime = self._relays.runtime(settings)
         except MailqError as exc:
             log.error("reload failed; keeping the current configuration", error=str(exc))
         else:
@@ -471,6 +481,7 @@ class Supervisor:
                 worker.heartbeat.close()
         self.workers.clear()
         self._stores.forget_after_fork()
+        self._relays.forget_after_fork()
 
     # -- the pool's status -----------------------------------------------------
 

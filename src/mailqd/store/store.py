@@ -8,6 +8,8 @@ store that owns that role, reachable directly too:
 - `store.changes` (`mailqd.store.changes`): what operators change and clean up;
 - `store.stats` (`mailqd.store.stats`): counts and gauges;
 - `store.relay_health` (`mailqd.store.relay_health`): the relays' circuit breakers;
+- `store.relay_registry` (`mailqd.store.relay_registry`): relays kept in the database;
+- `store.audit` (`mailqd.store.audit`): the audit trail;
 - `store.templates` (`mailqd.store.templates`), and `RateLimits(store)`
   (`mailqd.store.ratelimit`) for the token buckets;
 - enqueueing is `mailqd.store.enqueue`, screening `mailqd.store.screening`.
@@ -28,6 +30,7 @@ import sqlalchemy as sa
 
 from mailqd.models import Attempt, Job, NewJob, QueueCounts, QueueStats, RecipientResult
 from mailqd.store import screening
+from mailqd.store.audit import AuditLog
 from mailqd.store.changes import CLEANUP_BATCH, OperatorChanges
 from mailqd.store.completion import Completion
 from mailqd.store.database import Database
@@ -36,6 +39,7 @@ from mailqd.store.enqueue import PsycopgWriter, SqlAlchemyWriter, write_jobs
 from mailqd.store.jobs import LONGEST_LEASE, JobLeases
 from mailqd.store.recipients import RecipientLedger
 from mailqd.store.relay_health import RelayHealthStore
+from mailqd.store.relay_registry import RelayRegistry
 from mailqd.store.screening import ScreenedClaim, ScreenRules
 from mailqd.store.sql import at_time
 from mailqd.store.stats import Statistics
@@ -65,6 +69,10 @@ class Store:
         """The relays' circuit breakers, shared by every worker (`mailqd.breaker`)."""
         self.recipient_ledger = RecipientLedger(self.database)
         """Which recipients of a job are settled (`email_recipients`), for its next attempt."""
+        self.relay_registry = RelayRegistry(self.database)
+        """Relays kept in the database (`mailqctl relays`), passwords sealed."""
+        self.audit = AuditLog(self.database)
+        """Who changed what (`mailqctl audit`)."""
 
     @classmethod
     def from_url(cls, url: str, **engine_kwargs: Any) -> Store:
