@@ -63,6 +63,7 @@ def test_drain_sends_retries_4xx_and_fails_5xx_like_the_daemon(
         "deduplicated": 0,
         "deferred_by_recipient_cap": 0,
         "throttled_by_domain_limit": 0,
+        "deferred_by_relay": 0,
     }
 
     [message] = smtp_server.messages
