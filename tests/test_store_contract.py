@@ -187,12 +187,43 @@ def test_release_gives_jobs_back_unsent_without_counting_an_attempt(leases: Any)
     ids = enqueue(leases, 2)
     leases.claim_batch("w1", 2, LEASE, now=now)
     assert leases.release(ids, "someone else", now=now) == 0
-    assert leases.release(ids, "w1", now=now) == 2
+    assert leases.release(ids, "w1", now=now, reasons={ids[0]: "shutdown: not started"}) == 2
     for job_id in ids:
         job = leases.get(job_id)
         assert (job.status, job.attempts, job.lease_owner) == (Status.PENDING, 0, None)
-        assert leases.attempts(job_id) == []
+        [row] = leases.attempts(job_id)
+        assert (row.attempt, row.outcome, row.worker) == (1, Outcome.RELEASED, "w1")
+    assert leases.attempts(ids[0])[0].smtp_text == "shutdown: not started"
     assert len(leases.claim_batch("w2", 10, LEASE, now=now).jobs) == 2
+
+
+def test_release_of_a_job_past_data_counts_its_attempt_as_ambiguous(leases: Any) -> None:
+    now = later()
+    unsent, past_data = enqueue(leases, 2)
+    leases.claim_batch("w1", 2, LEASE, now=now)
+    reason = "shutdown: cancelled after its content was sent"
+    released = leases.release(
+        [unsent, past_data], "w1", now=now, reasons={past_data: reason}, counted={past_data}
+    )
+    assert released == 2
+    job = leases.get(past_data)
+    assert (job.status, job.attempts, job.last_error) == (Status.PENDING, 1, reason)
+    [row] = leases.attempts(past_data)
+    assert (row.attempt, row.outcome, row.smtp_text) == (1, Outcome.AMBIGUOUS, reason)
+    assert (leases.get(unsent).attempts, leases.get(unsent).last_error) == (0, None)
+    assert [a.outcome for a in leases.attempts(unsent)] == [Outcome.RELEASED]
+
+
+def test_rescue_of_an_owner_records_the_reason_given(leases: Any) -> None:
+    now = later()
+    [job_id] = enqueue(leases)
+    leases.claim_batch("dead", 1, LEASE, now=now)
+    reason = "worker killed: the worker dead was killed by SIGKILL while holding it"
+    assert leases.rescue(owner="dead", reason=reason, now=now) == [job_id]
+    job = leases.get(job_id)
+    assert (job.status, job.attempts, job.last_error) == (Status.PENDING, 1, reason)
+    [row] = leases.attempts(job_id)
+    assert (row.outcome, row.smtp_text) == (Outcome.LOST, reason)
 
 
 def test_extend_leases_pushes_back_expiry_of_the_owners_jobs_only(leases: Any) -> None:

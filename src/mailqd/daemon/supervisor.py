@@ -334,9 +334,10 @@ class Supervisor:
         """Last resort when the supervisor itself fails: leave no orphaned worker behind."""
         for worker in list(self.workers.values()):
             kill(worker)
+            code = None
             with contextlib.suppress(ChildProcessError):  # reaped already
-                os.waitpid(worker.pid, 0)
-            self._give_back_jobs(worker)
+                code = os.waitstatus_to_exitcode(os.waitpid(worker.pid, 0)[1])
+            self._give_back_jobs(worker, code)
         self.workers.clear()
 
     # -- watching the workers --------------------------------------------------
@@ -367,7 +368,7 @@ class Supervisor:
             lifetime=round(lifetime, 3),
             **describe_exit(code),
         )
-        self._give_back_jobs(worker)
+        self._give_back_jobs(worker, code)
         if expected:
             return
         self.worker_deaths += 1
@@ -388,10 +389,10 @@ class Supervisor:
             quick_deaths=self.backoff.quick_deaths,
         )
 
-    def _give_back_jobs(self, worker: WorkerProcess) -> None:
+    def _give_back_jobs(self, worker: WorkerProcess, code: int | None) -> None:
         """Return the jobs a dead worker held to the queue now, not when their lease expires."""
         owner = worker.identity.owner
-        total = self._stores.give_back(worker.settings.database_url, owner)
+        total = self._stores.give_back(worker.settings.database_url, owner, code)
         if total:
             self.jobs_given_back += total
             log.warning("jobs given back", pid=worker.pid, owner=owner, count=total)

@@ -26,7 +26,7 @@ import contextlib
 import math
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import structlog
@@ -147,6 +147,7 @@ class Worker:
         self._held = self._producer.held
         self.maintenance = Periodic(self._maintenance_services(), self._outage)
         self._sending: dict[str, asyncio.Task[Completion]] = {}
+        self._transport_of: dict[str, Transport] = {}
         self._progress = asyncio.Event()
         self._listener: JobListener | None = None
 
@@ -289,11 +290,11 @@ class Worker:
 
     async def close(self) -> None:
         """Give back what is held but unrecorded, record what is finished, close transports."""
-        await cancel_and_wait(list(self._sending.values()))
+        interrupted = await self._cancel_sends(list(self._sending.values()))
         if self._completer.pending:
             with contextlib.suppress(StoreError):
                 await self._completer.flush()
-        await self._release_unfinished(deadline=None)
+        await self._release_unfinished(deadline=None, interrupted=interrupted)
         await self._slots.close_all()
 
     @property
@@ -335,6 +336,7 @@ class Worker:
             transport = self._slots.take()
             task = asyncio.create_task(self._attempt(job, transport), name=f"deliver {job.id}")
             self._sending[job.id] = task
+            self._transport_of[job.id] = transport
             tasks.append(task)
         return tasks
 
@@ -354,6 +356,7 @@ class Worker:
         finally:
             self._slots.put_back(transport, reusable=finished)
             self._sending.pop(job.id, None)
+            self._transport_of.pop(job.id, None)
         self._completer.add(completion, last_for_now=not self._sending)
         return completion
 
@@ -396,36 +399,77 @@ class Worker:
 
         Sends still running at the timeout are cancelled and their jobs
         released, like the claimed jobs that never started: they will be
-        sent again (at-least-once, same Message-ID). Finished sends are
-        recorded, retrying for a few seconds if the database is away.
+        sent again (at-least-once, same Message-ID). Each release is
+        recorded as a `shutdown` attempt row; only a send cancelled after
+        its content went to the server uses an attempt (`_release_unfinished`).
+        Finished sends are recorded, retrying for a few seconds if the
+        database is away.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.shutdown_timeout
         in_flight = list(self._sending.values())
+        interrupted: dict[str, bool | None] = {}
         if in_flight:
             self._log.info("waiting for sends in flight", count=len(in_flight))
             self.events.emit("waiting_for_sends", count=len(in_flight))
             _, late = await asyncio.wait(in_flight, timeout=self.settings.shutdown_timeout)
             if late:
                 self._log.warning("cancelling sends still running at the timeout", count=len(late))
-                await cancel_and_wait(list(late))
+                interrupted = await self._cancel_sends(list(late))
         if not await self._completer.flush_until(deadline + FLUSH_GRACE):
             self._log.error(
                 "could not record outcomes before exiting; those jobs will be sent again",
                 count=self._completer.pending,
             )
-        await self._release_unfinished(deadline=deadline + FLUSH_GRACE)
+        await self._release_unfinished(deadline=deadline + FLUSH_GRACE, interrupted=interrupted)
         await self._slots.close_all()
 
-    async def _release_unfinished(self, deadline: float | None) -> None:
-        """Give back held jobs that have no outcome: not started, or cancelled mid-send."""
+    async def _cancel_sends(
+        self, tasks: Sequence[asyncio.Task[Completion]]
+    ) -> dict[str, bool | None]:
+        """Cancel these sends; returns, per job, whether its content had gone to the server.
+
+        Read from each send's transport just before the cancellation, with
+        no await in between (`content_sent`): True after DATA, False before,
+        None when the transport cannot say.
+        """
+        cancelling = set(tasks)
+        interrupted = {
+            job_id: content_sent(self._transport_of.get(job_id))
+            for job_id, task in self._sending.items()
+            if task in cancelling
+        }
+        await cancel_and_wait(list(tasks))
+        return interrupted
+
+    async def _release_unfinished(
+        self, deadline: float | None, interrupted: Mapping[str, bool | None] | None = None
+    ) -> None:
+        """Give back held jobs that have no outcome: not started, or cancelled mid-send.
+
+        `interrupted` holds the sends cancelled (`_cancel_sends`). Each job
+        is recorded as a `shutdown` give-back saying which; one whose
+        content had gone to the server, or may have (the transport cannot
+        say), uses an attempt: the server may have the message, so the next
+        send is a resend (docs/reliability.md).
+        """
         loop = asyncio.get_running_loop()
+        interrupted = interrupted or {}
         with_outcome = self._completer.pending_job_ids()
         unfinished = [job_id for job_id in self._held if job_id not in with_outcome]
+        reasons = {job_id: _shutdown_reason(job_id, interrupted) for job_id in unfinished}
+        counted = {job_id for job_id in unfinished if interrupted.get(job_id, False) is not False}
         while unfinished:
             try:
                 await asyncio.to_thread(
-                    self.store.release, unfinished, self.owner, self.clock.now()
+                    partial(
+                        self.store.release,
+                        unfinished,
+                        self.owner,
+                        self.clock.now(),
+                        reasons=reasons,
+                        counted=counted,
+                    )
                 )
             except StoreError as exc:
                 delay = self._outage.failed(exc, "releasing unsent jobs")
@@ -437,14 +481,40 @@ class Worker:
                     return
                 await asyncio.sleep(delay)
                 continue
-            self._log.info("released unsent jobs", count=len(unfinished))
-            self.events.emit("released", job_ids=unfinished)
+            self._log.info("released unsent jobs", count=len(unfinished), counted=len(counted))
+            self.events.emit("released", job_ids=unfinished, counted=sorted(counted))
             for job_id in unfinished:
                 self._held.pop(job_id, None)
             return
 
     def _database_url(self) -> str:
         return self.store.url
+
+
+def content_sent(transport: Transport | None) -> bool | None:
+    """Whether `transport`'s send in progress had handed its content to the server.
+
+    A transport says so with a boolean `content_sent` attribute (true
+    from the moment the content after DATA's 354 is written); one that
+    has none cannot say, and gets None.
+    """
+    said = getattr(transport, "content_sent", None)
+    return said if isinstance(said, bool) else None
+
+
+def _shutdown_reason(job_id: str, interrupted: Mapping[str, bool | None]) -> str:
+    """The attempt row's text of a job given back when its worker stopped."""
+    if job_id not in interrupted:
+        return "shutdown: given back before its send started"
+    said = interrupted[job_id]
+    if said is False:
+        return "shutdown: send cancelled as the worker stopped, before DATA"
+    if said:
+        return (
+            "shutdown: send cancelled as the worker stopped, after its content was sent "
+            "(the server may have it)"
+        )
+    return "shutdown: send cancelled as the worker stopped, maybe after DATA (no phase known)"
 
 
 # -- the forked process ---------------------------------------------------------
