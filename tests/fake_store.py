@@ -5,11 +5,11 @@ no threads contending for a lock. It keeps the rules the real store keeps,
 and tests/test_store_contract.py holds it to them beside PostgreSQL and
 SQLite: due jobs by priority (highest first), then due time, then id;
 leases per owner; attempts counted when recorded, when a rescue takes
-a job back (as `lost`), and when a release gives back one that had reached
-DATA (`ambiguous`; the others `released`, not counted); every change but a
-rescue only for the lease's owner. Claim-time screening (dedup, caps,
-domain limits) is not kept here: `claim_screened` accepts only rules that
-screen nothing.
+back a job lost before (each rescue is a `lost` row), and when a release
+gives back one that had reached DATA (`ambiguous`; the others `released`,
+not counted); every change but a rescue only for the lease's owner.
+Claim-time screening (dedup, caps, domain limits) is not kept here:
+`claim_screened` accepts only rules that screen nothing.
 """
 
 from __future__ import annotations
@@ -238,10 +238,15 @@ class FakeStore:
                     why = reason or f"worker died: the worker {owner} held it when it ended"
                 else:
                     why = f"lease expired: the worker {job.lease_owner} stopped renewing it"
+                again = any(
+                    row.job_id == job.id and row.outcome is Outcome.LOST
+                    for row in self.attempt_rows
+                )
+                number = job.attempts + 1
                 self._change(
                     job.id,
                     status=Status.PENDING,
-                    attempts=job.attempts + 1,
+                    attempts=number if again else job.attempts,
                     last_error=why,
                     lease_owner=None,
                     lease_expires_at=None,
@@ -249,7 +254,7 @@ class FakeStore:
                     updated_at=at,
                 )
                 self.attempt_rows.append(
-                    Attempt(job.id, job.attempts + 1, at, 0.0, Outcome.LOST, smtp_text=why)
+                    Attempt(job.id, number, at, 0.0, Outcome.LOST, smtp_text=why, worker=owner)
                 )
         return [job.id for job in victims[:limit]]
 

@@ -243,19 +243,23 @@ class JobLeases:
         worker gives (plain SQL wrote them). With `owner`: every job that
         worker holds, expired or not (the supervisor saw it die), with
         `reason` (what the supervisor saw: "worker killed: ...") as each
-        job's `last_error`. The interrupted attempt is counted and recorded
-        as `lost`, stamped with the time of the rescue: nobody who is left
-        knows whether it had reached DATA, and counting it is what makes a
-        message that kills every worker that tries it run out of attempts
-        instead of looping forever (docs/reliability.md).
+        job's `last_error`. Each is recorded as `lost`, stamped with the
+        time of the rescue. Nobody who is left knows whether the attempt
+        had reached DATA: a job's first loss uses no attempt, every later
+        one does, so that a message that kills every worker that tries it
+        runs out of attempts instead of looping forever
+        (docs/reliability.md).
         """
         at = at_time(now)
         stmt = _rescue_statement(at, owner, reason, limit, longest_lease)
         with self._db.begin() as conn, rows.replacing_bad_utf8(conn):  # an id plain SQL wrote
             rescued = list(conn.execute(stmt))
             if rescued:
+                counted = _were_lost(conn, [r.id for r in rescued])
                 started = conn.execute(sa.select(at)).scalar_one()
-                conn.execute(a.insert(), [_lost(r, started, owner) for r in rescued])
+                conn.execute(
+                    a.insert(), [_lost(r, r.id in counted, started, owner) for r in rescued]
+                )
                 self._db.dialect.notify(conn)
         return [r.id for r in rescued]
 
@@ -300,7 +304,13 @@ def _rescue_statement(
     limit: int,
     longest_lease: float,
 ) -> sa.Update:
-    """Jobs `rescue` returns, pending again with the reason in `last_error`."""
+    """Jobs `rescue` returns, pending again with the reason in `last_error`.
+
+    The attempt is counted only for a job lost before (`_lost_before`).
+    RETURNING gives the new `attempts` and the attempt after it (`next`,
+    a number whatever plain SQL left in `attempts`): the number of the
+    `lost` row is the first when counted, else the second (`_lost`).
+    """
     too_long = q.c.lease_expires_at > add_seconds(at, longest_lease)
     if owner is not None:
         cond = held() & (q.c.lease_owner == owner)
@@ -330,25 +340,49 @@ def _rescue_statement(
     if owner is not None:
         said = reason or f"worker died: the worker {owner} held it when it ended"
         why = sa.literal(said, sa.Text)
+    again = _lost_before()
     return (
         q.update()
         .where(q.c.id.in_(sa.select(victims.c.id)), cond)
         .values(
             status=Status.PENDING,
-            attempts=rows.counted_attempt(),
+            attempts=sa.case((again, rows.counted_attempt()), else_=q.c.attempts),
             last_error=why,
             lease_owner=None,
             lease_expires_at=None,
             next_attempt_at=at,
             updated_at=at,
         )
-        .returning(q.c.id, q.c.attempts, q.c.last_error)
+        .returning(q.c.id, q.c.attempts, rows.counted_attempt().label("next"), q.c.last_error)
     )
 
 
-def _lost(row: Any, started: datetime, owner: str | None) -> dict[str, Any]:
+def _lost_before() -> sa.Exists:
+    """Whether the job already has a `lost` attempt row: it was lost before this rescue.
+
+    Read through the attempts' index on `job_id`. Not in RETURNING: SQLite
+    writes its columns there without their table, and `id` would be the
+    attempt's.
+    """
+    return (
+        sa.exists()
+        .where(a.c.job_id == q.c.id, a.c.outcome == sa.literal_column(f"'{Outcome.LOST.value}'"))
+        .correlate(q)
+    )
+
+
+def _were_lost(conn: sa.Connection, job_ids: list[str]) -> set[str]:
+    """Which of these jobs have a `lost` row: before the rescue's rows go in, those it counted."""
+    stmt = sa.select(a.c.job_id).where(
+        a.c.job_id.in_(job_ids), a.c.outcome == sa.literal_column(f"'{Outcome.LOST.value}'")
+    )
+    return set(conn.execute(stmt).scalars())
+
+
+def _lost(row: Any, counted: bool, started: datetime, owner: str | None) -> dict[str, Any]:
     """The `lost` attempt row of one rescued job."""
-    return _given_back(row.id, row.attempts, started, Outcome.LOST, row.last_error, owner)
+    number = row.attempts if counted else row.next
+    return _given_back(row.id, number, started, Outcome.LOST, row.last_error, owner)
 
 
 def _given_back(
