@@ -33,6 +33,7 @@ import structlog
 
 from mailqd.config import Settings
 from mailqd.daemon.completer import Completer
+from mailqd.daemon.cutoff import WatchedTransport
 from mailqd.daemon.delivery import Deliverer
 from mailqd.daemon.events import Events
 from mailqd.daemon.heartbeat import Heartbeat, WorkerIdentity
@@ -57,7 +58,6 @@ from mailqd.runtime import Runtime, screen_rules
 from mailqd.store import Completion, Store
 from mailqd.store.notify import JobListener, supports_listen
 from mailqd.store.store import LONGEST_LEASE
-from mailqd.transport import Transport
 from mailqd.transport.routed import RoutedTransport
 from mailqd.transport.url import TransportFactory
 
@@ -147,7 +147,7 @@ class Worker:
         self._held = self._producer.held
         self.maintenance = Periodic(self._maintenance_services(), self._outage)
         self._sending: dict[str, asyncio.Task[Completion]] = {}
-        self._transport_of: dict[str, Transport] = {}
+        self._transport_of: dict[str, WatchedTransport] = {}
         self._progress = asyncio.Event()
         self._listener: JobListener | None = None
 
@@ -333,14 +333,14 @@ class Worker:
     def _start(self, jobs: Sequence[Job]) -> list[asyncio.Task[Completion]]:
         tasks = []
         for job in jobs:
-            transport = self._slots.take()
+            transport = WatchedTransport(self._slots.take())
             task = asyncio.create_task(self._attempt(job, transport), name=f"deliver {job.id}")
             self._sending[job.id] = task
             self._transport_of[job.id] = transport
             tasks.append(task)
         return tasks
 
-    async def _attempt(self, job: Job, transport: Transport) -> Completion:
+    async def _attempt(self, job: Job, transport: WatchedTransport) -> Completion:
         """Deliver in a slot, then hand the outcome to the completer.
 
         Even a bug must end in an outcome: a job left held would have its
@@ -354,7 +354,7 @@ class Worker:
             self._log.exception("delivery crashed", job_id=job.id)
             completion = self._deliverer.crashed(job, exc)
         finally:
-            self._slots.put_back(transport, reusable=finished)
+            self._slots.put_back(transport.inner, reusable=finished)
             self._sending.pop(job.id, None)
             self._transport_of.pop(job.id, None)
         self._completer.add(completion, last_for_now=not self._sending)
@@ -427,17 +427,19 @@ class Worker:
     async def _cancel_sends(
         self, tasks: Sequence[asyncio.Task[Completion]]
     ) -> dict[str, bool | None]:
-        """Cancel these sends; returns, per job, whether its content had gone to the server.
+        """Cancel these attempts; returns, per job whose send began, whether its content went out.
 
-        Read from each send's transport just before the cancellation, with
-        no await in between (`content_sent`): True after DATA, False before,
-        None when the transport cannot say.
+        Read from each attempt's transport just before the cancellation,
+        with no await in between (`mailqd.daemon.cutoff`): True after DATA,
+        False before, None when the transport cannot say. An attempt still
+        composing is not in it: its job is given back as not started.
         """
         cancelling = set(tasks)
+        watched = self._transport_of
         interrupted = {
-            job_id: content_sent(self._transport_of.get(job_id))
+            job_id: watched[job_id].reached_data()
             for job_id, task in self._sending.items()
-            if task in cancelling
+            if task in cancelling and job_id in watched and watched[job_id].began
         }
         await cancel_and_wait(list(tasks))
         return interrupted
@@ -489,17 +491,6 @@ class Worker:
 
     def _database_url(self) -> str:
         return self.store.url
-
-
-def content_sent(transport: Transport | None) -> bool | None:
-    """Whether `transport`'s send in progress had handed its content to the server.
-
-    A transport says so with a boolean `content_sent` attribute (true
-    from the moment the content after DATA's 354 is written); one that
-    has none cannot say, and gets None.
-    """
-    said = getattr(transport, "content_sent", None)
-    return said if isinstance(said, bool) else None
 
 
 def _shutdown_reason(job_id: str, interrupted: Mapping[str, bool | None]) -> str:
