@@ -14,8 +14,8 @@ dispatches to the `handle_*` methods):
   sends and release what it had not started; stragglers are SIGKILLed and
   their jobs rescued. Exit code 0.
 - A second SIGTERM/SIGINT during a graceful stop, or SIGQUIT: immediate
-  stop. Every worker is SIGKILLed and its jobs rescued (the interrupted
-  attempts are counted, as after a crash). Exit code 1 (`EXIT_FORCED`), so
+  stop. Every worker is SIGKILLed and its jobs rescued (recorded `lost`,
+  as after a crash: docs/reliability.md). Exit code 1 (`EXIT_FORCED`), so
   that systemd and the operator see that sends were cut off.
 - SIGHUP: reload. The settings are read again from the same sources; if
   they are invalid or the database check fails, the error is logged and the
