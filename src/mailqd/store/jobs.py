@@ -360,9 +360,10 @@ def _rescue_statement(
 def _lost_before() -> sa.Exists:
     """Whether the job already has a `lost` attempt row: it was lost before this rescue.
 
-    Read through the attempts' index on `job_id`. Not in RETURNING: SQLite
-    writes its columns there without their table, and `id` would be the
-    attempt's.
+    The one statement of the rule, used by the rescue's UPDATE and then
+    by `_were_lost`, through the attempts' index on `job_id`. Not in
+    RETURNING: SQLite writes its columns there without their table, and
+    `id` would be the attempt's.
     """
     return (
         sa.exists()
@@ -372,10 +373,8 @@ def _lost_before() -> sa.Exists:
 
 
 def _were_lost(conn: sa.Connection, job_ids: list[str]) -> set[str]:
-    """Which of these jobs have a `lost` row: before the rescue's rows go in, those it counted."""
-    stmt = sa.select(a.c.job_id).where(
-        a.c.job_id.in_(job_ids), a.c.outcome == sa.literal_column(f"'{Outcome.LOST.value}'")
-    )
+    """Which of these jobs the rescue counted: `_lost_before`, read before their rows go in."""
+    stmt = sa.select(q.c.id).where(q.c.id.in_(job_ids), _lost_before())
     return set(conn.execute(stmt).scalars())
 
 
