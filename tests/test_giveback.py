@@ -252,6 +252,9 @@ def test_a_dead_worker_is_described_by_how_it_ended() -> None:
     assert death_of("h:n:1", -signal.SIGKILL) == (
         "worker killed: the worker h:n:1 was killed by SIGKILL while holding it"
     )
+    assert death_of("h:n:1", -signal.SIGKILL, killed=True) == (
+        "worker killed: the worker h:n:1 was killed by SIGKILL from the supervisor while holding it"
+    )
     assert death_of("h:n:1", -99) == (
         "worker killed: the worker h:n:1 was killed by signal 99 while holding it"
     )

@@ -40,14 +40,17 @@ class SupervisorStores:
         """The schema revision, or `StoreError` if the database cannot be used by the workers."""
         return self._store(url).check_schema()
 
-    def give_back(self, url: str, owner: str, exit_code: int | None = None) -> int | None:
+    def give_back(
+        self, url: str, owner: str, exit_code: int | None = None, *, killed: bool = False
+    ) -> int | None:
         """Return the jobs `owner` held to the queue now; None (logged) if the database fails.
 
         `exit_code` is the worker's, as `os.waitstatus_to_exitcode` gives it
-        (-N: killed by signal N), or None if unknown; each job's attempt row
-        says how the worker ended (`death_of`).
+        (-N: killed by signal N), or None if unknown; `killed` says the
+        supervisor sent the SIGKILL. Each job's attempt row says how the
+        worker ended (`death_of`).
         """
-        reason = death_of(owner, exit_code)
+        reason = death_of(owner, exit_code, killed=killed)
         try:
             store = self._store(url)
             rescued = store.rescue(owner=owner, reason=reason, limit=RESCUE_BATCH)
@@ -82,18 +85,19 @@ class SupervisorStores:
         return store
 
 
-def death_of(owner: str, exit_code: int | None) -> str:
+def death_of(owner: str, exit_code: int | None, *, killed: bool = False) -> str:
     """What a dead worker's jobs are recorded with: `worker killed: ...` when a signal ended it.
 
     Its attempt was cut off at a step nobody left knows (maybe after
-    DATA), so it is counted (docs/reliability.md).
+    DATA): from a job's second loss on, it is counted (docs/reliability.md).
     """
     if exit_code is not None and exit_code < 0:
         try:
             name = signal.Signals(-exit_code).name
         except ValueError:
             name = f"signal {-exit_code}"
-        return f"worker killed: the worker {owner} was killed by {name} while holding it"
+        sender = " from the supervisor" if killed and -exit_code == signal.SIGKILL else ""
+        return f"worker killed: the worker {owner} was killed by {name}{sender} while holding it"
     how = "ended" if exit_code is None else f"exited with code {exit_code}"
     return f"worker died: the worker {owner} {how} while holding it"
 

@@ -392,7 +392,9 @@ class Supervisor:
     def _give_back_jobs(self, worker: WorkerProcess, code: int | None) -> None:
         """Return the jobs a dead worker held to the queue now, not when their lease expires."""
         owner = worker.identity.owner
-        total = self._stores.give_back(worker.settings.database_url, owner, code)
+        total = self._stores.give_back(
+            worker.settings.database_url, owner, code, killed=worker.killed
+        )
         if total:
             self.jobs_given_back += total
             log.warning("jobs given back", pid=worker.pid, owner=owner, count=total)
