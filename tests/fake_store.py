@@ -4,9 +4,11 @@ For unit tests of the worker's parts that run in milliseconds: no database,
 no threads contending for a lock. It keeps the rules the real store keeps,
 and tests/test_store_contract.py holds it to them beside PostgreSQL and
 SQLite: due jobs by priority (highest first), then due time, then id;
-leases per owner; attempts counted when recorded, and when a rescue takes
-a job back (as `lost`); every change but a rescue only for the lease's
-owner. Claim-time screening (dedup, caps, domain limits) is not kept here:
+leases per owner; attempts counted when recorded, when a rescue takes
+back a job lost before (each rescue is a `lost` row), and when a release
+gives back one that had reached DATA (`ambiguous`; the others `released`,
+not counted); every change but a rescue only for the lease's owner.
+Claim-time screening (dedup, caps, domain limits) is not kept here:
 `claim_screened` accepts only rules that screen nothing.
 """
 
@@ -14,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 from mailqd.breaker import BreakerPolicy, RelayState, after_failure, after_success
 from mailqd.models import Attempt, Job, NewJob, Outcome, RecipientStatus, Status
 from mailqd.store import Completion
+from mailqd.store.jobs import RELEASED_UNSENT
 from mailqd.store.screening import ScreenedClaim, ScreenRules
 from mailqd.store.store import LONGEST_LEASE
 
@@ -162,19 +165,36 @@ class FakeStore:
                 changed += 1
         return changed
 
-    def release(self, job_ids: Sequence[str], owner: str, now: datetime | None = None) -> int:
+    def release(
+        self,
+        job_ids: Sequence[str],
+        owner: str,
+        now: datetime | None = None,
+        *,
+        reasons: Mapping[str, str] | None = None,
+        counted: Collection[str] = (),
+    ) -> int:
         at = now or self.clock()
         with self._lock:
             self._called("release", now)
             mine = [job_id for job_id in job_ids if self._held_by(job_id, owner)]
             for job_id in mine:
+                job = self.jobs[job_id]
+                why = (reasons or {}).get(job_id, RELEASED_UNSENT)
+                counts = job_id in counted
                 self._change(
                     job_id,
                     status=Status.PENDING,
+                    attempts=job.attempts + 1 if counts else job.attempts,
+                    last_error=why if counts else job.last_error,
                     lease_owner=None,
                     lease_expires_at=None,
                     next_attempt_at=at,
                     updated_at=at,
+                )
+                outcome = Outcome.AMBIGUOUS if counts else Outcome.RELEASED
+                self.attempt_rows.append(
+                    Attempt(job_id, job.attempts + 1, at, 0.0, outcome, smtp_text=why, worker=owner)
                 )
         return len(mine)
 
@@ -193,6 +213,7 @@ class FakeStore:
         self,
         *,
         owner: str | None = None,
+        reason: str | None = None,
         now: datetime | None = None,
         limit: int = 1000,
         longest_lease: float = LONGEST_LEASE,
@@ -213,17 +234,28 @@ class FakeStore:
                 if lost:
                     victims.append(job)
             for job in victims[:limit]:
+                if owner is not None:
+                    why = reason or f"worker died: the worker {owner} held it when it ended"
+                else:
+                    why = f"lease expired: the worker {job.lease_owner} stopped renewing it"
+                again = any(
+                    row.job_id == job.id and row.outcome is Outcome.LOST
+                    for row in self.attempt_rows
+                )
+                number = job.attempts + 1
                 self._change(
                     job.id,
                     status=Status.PENDING,
-                    attempts=job.attempts + 1,
-                    last_error=f"lease expired: the worker {job.lease_owner} stopped",
+                    attempts=number if again else job.attempts,
+                    last_error=why,
                     lease_owner=None,
                     lease_expires_at=None,
                     next_attempt_at=at,
                     updated_at=at,
                 )
-                self.attempt_rows.append(Attempt(job.id, job.attempts + 1, at, 0.0, Outcome.LOST))
+                self.attempt_rows.append(
+                    Attempt(job.id, number, at, 0.0, Outcome.LOST, smtp_text=why, worker=owner)
+                )
         return [job.id for job in victims[:limit]]
 
     def purge_screening(self, dedup_window: float, now: datetime | None = None) -> int:

@@ -248,7 +248,7 @@ def test_expired_leases_are_rescued_and_live_ones_are_not(store: Store) -> None:
     assert store.rescue(now=later(11)) == [short.id]
     assert status_of(store, long.id) is Status.SENDING
     got = store.get(short.id)
-    assert (got.status, got.attempts, got.lease_owner) == (Status.PENDING, 1, None)
+    assert (got.status, got.attempts, got.lease_owner) == (Status.PENDING, 0, None)
     assert "w1" in (got.last_error or "")
     assert [a.outcome for a in store.attempts(short.id)] == [Outcome.LOST]
     assert [j.id for j in store.claim("w3", 5, lease_seconds=10, now=later(11))] == [short.id]

@@ -113,16 +113,33 @@ def test_two_owners_claiming_at_once_never_get_the_same_job(leases: Any) -> None
     assert all(leases.get(job_id).lease_owner == owner for owner in got for job_id in got[owner])
 
 
-def test_rescue_takes_back_an_expired_lease_and_counts_the_attempt_lost(leases: Any) -> None:
+def test_rescue_takes_back_an_expired_lease_and_records_it_lost(leases: Any) -> None:
     now = later()
     [job_id] = enqueue(leases)
     leases.claim_batch("w1", 1, LEASE, now=now)
     assert leases.rescue(now=now + timedelta(seconds=LEASE - 1)) == []
     assert leases.rescue(now=now + timedelta(seconds=LEASE + 1)) == [job_id]
     job = leases.get(job_id)
-    assert (job.status, job.attempts, job.lease_owner) == (Status.PENDING, 1, None)
-    assert [a.outcome for a in leases.attempts(job_id)] == [Outcome.LOST]
+    assert (job.status, job.attempts, job.lease_owner) == (Status.PENDING, 0, None)
+    assert job.last_error is not None and job.last_error.startswith("lease expired: ")
+    [row] = leases.attempts(job_id)
+    assert (row.attempt, row.outcome, row.smtp_text) == (1, Outcome.LOST, job.last_error)
     assert leases.rescue(now=now + timedelta(seconds=LEASE + 2)) == []
+
+
+def test_a_job_lost_again_uses_an_attempt_each_time_after_the_first(leases: Any) -> None:
+    now = later()
+    [job_id] = enqueue(leases)
+    for n in range(3):
+        leases.claim_batch("w1", 1, LEASE, now=now)
+        assert leases.rescue(owner="w1", reason=f"lost {n}", now=now) == [job_id]
+    assert leases.get(job_id).attempts == 2
+    rows = [(a.attempt, a.outcome, a.smtp_text) for a in leases.attempts(job_id)]
+    assert rows == [
+        (1, Outcome.LOST, "lost 0"),
+        (1, Outcome.LOST, "lost 1"),
+        (2, Outcome.LOST, "lost 2"),
+    ]
 
 
 def test_rescue_of_an_owner_takes_back_its_jobs_at_once_and_no_one_elses(leases: Any) -> None:
@@ -177,7 +194,7 @@ def test_complete_after_the_lease_was_lost_changes_nothing_but_keeps_the_attempt
     assert leases.rescue(now=now + timedelta(seconds=LEASE + 1)) == [job_id]
     assert leases.complete([done(job_id, "w1", Outcome.SENT)], now=now) == 0
     job = leases.get(job_id)
-    assert (job.status, job.attempts) == (Status.PENDING, 1)
+    assert (job.status, job.attempts) == (Status.PENDING, 0)
     assert [a.outcome for a in leases.attempts(job_id)] == [Outcome.LOST, Outcome.SENT]
     assert leases.complete([done(job_id, "w2", Outcome.SENT)]) == 0
 
@@ -187,12 +204,43 @@ def test_release_gives_jobs_back_unsent_without_counting_an_attempt(leases: Any)
     ids = enqueue(leases, 2)
     leases.claim_batch("w1", 2, LEASE, now=now)
     assert leases.release(ids, "someone else", now=now) == 0
-    assert leases.release(ids, "w1", now=now) == 2
+    assert leases.release(ids, "w1", now=now, reasons={ids[0]: "shutdown: not started"}) == 2
     for job_id in ids:
         job = leases.get(job_id)
         assert (job.status, job.attempts, job.lease_owner) == (Status.PENDING, 0, None)
-        assert leases.attempts(job_id) == []
+        [row] = leases.attempts(job_id)
+        assert (row.attempt, row.outcome, row.worker) == (1, Outcome.RELEASED, "w1")
+    assert leases.attempts(ids[0])[0].smtp_text == "shutdown: not started"
     assert len(leases.claim_batch("w2", 10, LEASE, now=now).jobs) == 2
+
+
+def test_release_of_a_job_past_data_counts_its_attempt_as_ambiguous(leases: Any) -> None:
+    now = later()
+    unsent, past_data = enqueue(leases, 2)
+    leases.claim_batch("w1", 2, LEASE, now=now)
+    reason = "shutdown: cancelled after its content was sent"
+    released = leases.release(
+        [unsent, past_data], "w1", now=now, reasons={past_data: reason}, counted={past_data}
+    )
+    assert released == 2
+    job = leases.get(past_data)
+    assert (job.status, job.attempts, job.last_error) == (Status.PENDING, 1, reason)
+    [row] = leases.attempts(past_data)
+    assert (row.attempt, row.outcome, row.smtp_text) == (1, Outcome.AMBIGUOUS, reason)
+    assert (leases.get(unsent).attempts, leases.get(unsent).last_error) == (0, None)
+    assert [a.outcome for a in leases.attempts(unsent)] == [Outcome.RELEASED]
+
+
+def test_rescue_of_an_owner_records_the_reason_given(leases: Any) -> None:
+    now = later()
+    [job_id] = enqueue(leases)
+    leases.claim_batch("dead", 1, LEASE, now=now)
+    reason = "worker killed: the worker dead was killed by SIGKILL while holding it"
+    assert leases.rescue(owner="dead", reason=reason, now=now) == [job_id]
+    job = leases.get(job_id)
+    assert (job.status, job.attempts, job.last_error) == (Status.PENDING, 0, reason)
+    [row] = leases.attempts(job_id)
+    assert (row.outcome, row.smtp_text, row.worker) == (Outcome.LOST, reason, "dead")
 
 
 def test_extend_leases_pushes_back_expiry_of_the_owners_jobs_only(leases: Any) -> None:

@@ -342,8 +342,9 @@ def test_job_out_of_attempts_after_a_rescue_fails_without_sending(
 ) -> None:
     settings = make_settings(db_url, smtp_server.url())
     [job_id] = enqueue(store, max_attempts=1)
-    store.claim("killed-worker", 1, lease_seconds=30)
-    store.rescue(owner="killed-worker")
+    for _ in range(2):  # the first loss is free; the second uses the one attempt
+        store.claim("killed-worker", 1, lease_seconds=30)
+        store.rescue(owner="killed-worker")
 
     async def scenario() -> None:
         async with Worker(settings, store, "w1", smtp_factory(settings)) as worker:
@@ -353,7 +354,7 @@ def test_job_out_of_attempts_after_a_rescue_fails_without_sending(
     job = store.get(job_id)
     assert job.status is Status.FAILED
     assert job.last_error is not None
-    assert job.last_error.startswith("gave up after 1 attempts: lease expired")
+    assert job.last_error.startswith("gave up after 1 attempts: worker died: ")
     assert smtp_server.messages == []
 
 
@@ -437,10 +438,10 @@ def test_graceful_stop_releases_jobs_whose_send_did_not_finish(
     run(scenario)
     counts = store.counts()
     assert (counts.sending, counts.pending) == (0, 3)
-    for job_id in ids:
+    for job_id in ids:  # cut off after DATA: the server may have them (tests/test_giveback.py)
         job = store.get(job_id)
-        assert (job.attempts, job.lease_owner) == (0, None)
-        assert store.attempts(job_id) == []
+        assert (job.attempts, job.lease_owner) == (1, None)
+        assert [a.outcome for a in store.attempts(job_id)] == [Outcome.AMBIGUOUS]
 
 
 def test_graceful_stop_lets_a_send_in_flight_finish(

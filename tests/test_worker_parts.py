@@ -189,7 +189,7 @@ def test_rescuer_run_once_returns_the_jobs_it_rescued() -> None:
 
     run(scenario)
     assert told == [[job_id]]
-    assert (fake.get(job_id).status, fake.get(job_id).attempts) == (Status.PENDING, 1)
+    assert (fake.get(job_id).status, fake.get(job_id).attempts) == (Status.PENDING, 0)
 
 
 def test_rescuer_config_covers_leases_longer_than_its_own() -> None:

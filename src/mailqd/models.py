@@ -33,7 +33,8 @@ class Outcome(enum.StrEnum):
     FAILED = "failed"  # permanent failure, or the last allowed attempt failed
     AMBIGUOUS = "ambiguous"  # no reply to the end of DATA; retried (at-least-once)
     EXPIRED = "expired"  # past expires_at; not sent
-    LOST = "lost"  # the worker holding the job died; its lease was rescued
+    LOST = "lost"  # the worker holding the job died, or its lease expired; counted
+    RELEASED = "released"  # given back at a graceful stop before DATA; pending, not counted
     DUPLICATE = "duplicate"  # same content claimed within dedup_window; cancelled, not sent
     DEFERRED = "deferred"  # the recipient cap, or the relay failed: pending, not counted
     THROTTLED = "throttled"  # a recipient domain at its domain_rate_limits; pending, no attempt row

@@ -8,6 +8,7 @@ database), and a forked child forgets them without closing them.
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import structlog
@@ -15,7 +16,13 @@ import structlog
 from mailqd.errors import MailqError
 from mailqd.store import Store, is_postgresql
 
-__all__ = ["DB_CONNECT_TIMEOUT", "RESCUE_BATCH", "SupervisorStores", "open_store"]
+__all__ = [
+    "DB_CONNECT_TIMEOUT",
+    "RESCUE_BATCH",
+    "SupervisorStores",
+    "death_of",
+    "open_store",
+]
 
 DB_CONNECT_TIMEOUT = 5
 RESCUE_BATCH = 1000
@@ -33,14 +40,23 @@ class SupervisorStores:
         """The schema revision, or `StoreError` if the database cannot be used by the workers."""
         return self._store(url).check_schema()
 
-    def give_back(self, url: str, owner: str) -> int | None:
-        """Return the jobs `owner` held to the queue now; None (logged) if the database fails."""
+    def give_back(
+        self, url: str, owner: str, exit_code: int | None = None, *, killed: bool = False
+    ) -> int | None:
+        """Return the jobs `owner` held to the queue now; None (logged) if the database fails.
+
+        `exit_code` is the worker's, as `os.waitstatus_to_exitcode` gives it
+        (-N: killed by signal N), or None if unknown; `killed` says the
+        supervisor sent the SIGKILL. Each job's attempt row says how the
+        worker ended (`death_of`).
+        """
+        reason = death_of(owner, exit_code, killed=killed)
         try:
             store = self._store(url)
-            rescued = store.rescue(owner=owner, limit=RESCUE_BATCH)
+            rescued = store.rescue(owner=owner, reason=reason, limit=RESCUE_BATCH)
             total = len(rescued)
             while len(rescued) == RESCUE_BATCH:
-                rescued = store.rescue(owner=owner, limit=RESCUE_BATCH)
+                rescued = store.rescue(owner=owner, reason=reason, limit=RESCUE_BATCH)
                 total += len(rescued)
         except MailqError as exc:
             log.error(
@@ -67,6 +83,23 @@ class SupervisorStores:
         if store is None:
             store = self._stores[url] = open_store(url)
         return store
+
+
+def death_of(owner: str, exit_code: int | None, *, killed: bool = False) -> str:
+    """What a dead worker's jobs are recorded with: `worker killed: ...` when a signal ended it.
+
+    Its attempt was cut off at a step nobody left knows (maybe after
+    DATA): from a job's second loss on, it is counted (docs/reliability.md).
+    """
+    if exit_code is not None and exit_code < 0:
+        try:
+            name = signal.Signals(-exit_code).name
+        except ValueError:
+            name = f"signal {-exit_code}"
+        sender = " from the supervisor" if killed and -exit_code == signal.SIGKILL else ""
+        return f"worker killed: the worker {owner} was killed by {name}{sender} while holding it"
+    how = "ended" if exit_code is None else f"exited with code {exit_code}"
+    return f"worker died: the worker {owner} {how} while holding it"
 
 
 def open_store(url: str) -> Store:

@@ -11,7 +11,7 @@ stepped time in a test, so cap, expiry and rescue tests need not wait.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -67,7 +67,15 @@ class JobLeases(Protocol):
 
     def complete(self, completions: Sequence[Completion], now: datetime | None = None) -> int: ...
 
-    def release(self, job_ids: Sequence[str], owner: str, now: datetime | None = None) -> int: ...
+    def release(
+        self,
+        job_ids: Sequence[str],
+        owner: str,
+        now: datetime | None = None,
+        *,
+        reasons: Mapping[str, str] | None = None,
+        counted: Collection[str] = (),
+    ) -> int: ...
 
     def extend_leases(
         self, job_ids: Sequence[str], owner: str, lease_seconds: float, now: datetime | None = None
@@ -77,6 +85,7 @@ class JobLeases(Protocol):
         self,
         *,
         owner: str | None = None,
+        reason: str | None = None,
         now: datetime | None = None,
         limit: int = 1000,
         longest_lease: float = ...,

@@ -14,8 +14,8 @@ dispatches to the `handle_*` methods):
   sends and release what it had not started; stragglers are SIGKILLed and
   their jobs rescued. Exit code 0.
 - A second SIGTERM/SIGINT during a graceful stop, or SIGQUIT: immediate
-  stop. Every worker is SIGKILLed and its jobs rescued (the interrupted
-  attempts are counted, as after a crash). Exit code 1 (`EXIT_FORCED`), so
+  stop. Every worker is SIGKILLed and its jobs rescued (recorded `lost`,
+  as after a crash: docs/reliability.md). Exit code 1 (`EXIT_FORCED`), so
   that systemd and the operator see that sends were cut off.
 - SIGHUP: reload. The settings are read again from the same sources; if
   they are invalid or the database check fails, the error is logged and the
@@ -344,9 +344,10 @@ class Supervisor:
         """Last resort when the supervisor itself fails: leave no orphaned worker behind."""
         for worker in list(self.workers.values()):
             kill(worker)
+            code = None
             with contextlib.suppress(ChildProcessError):  # reaped already
-                os.waitpid(worker.pid, 0)
-            self._give_back_jobs(worker)
+                code = os.waitstatus_to_exitcode(os.waitpid(worker.pid, 0)[1])
+            self._give_back_jobs(worker, code)
         self.workers.clear()
 
     # -- watching the workers --------------------------------------------------
@@ -377,7 +378,7 @@ class Supervisor:
             lifetime=round(lifetime, 3),
             **describe_exit(code),
         )
-        self._give_back_jobs(worker)
+        self._give_back_jobs(worker, code)
         if expected:
             return
         self.worker_deaths += 1
@@ -398,10 +399,12 @@ class Supervisor:
             quick_deaths=self.backoff.quick_deaths,
         )
 
-    def _give_back_jobs(self, worker: WorkerProcess) -> None:
+    def _give_back_jobs(self, worker: WorkerProcess, code: int | None) -> None:
         """Return the jobs a dead worker held to the queue now, not when their lease expires."""
         owner = worker.identity.owner
-        total = self._stores.give_back(worker.settings.database_url, owner)
+        total = self._stores.give_back(
+            worker.settings.database_url, owner, code, killed=worker.killed
+        )
         if total:
             self.jobs_given_back += total
             log.warning("jobs given back", pid=worker.pid, owner=owner, count=total)

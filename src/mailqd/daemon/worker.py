@@ -26,13 +26,14 @@ import contextlib
 import math
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import structlog
 
 from mailqd.config import Settings
 from mailqd.daemon.completer import Completer
+from mailqd.daemon.cutoff import WatchedTransport
 from mailqd.daemon.delivery import Deliverer
 from mailqd.daemon.events import Events
 from mailqd.daemon.heartbeat import Heartbeat, WorkerIdentity
@@ -57,7 +58,6 @@ from mailqd.runtime import Runtime, screen_rules
 from mailqd.store import Completion, Store
 from mailqd.store.notify import JobListener, supports_listen
 from mailqd.store.store import LONGEST_LEASE
-from mailqd.transport import Transport
 from mailqd.transport.routed import RoutedTransport
 from mailqd.transport.url import TransportFactory
 
@@ -147,6 +147,7 @@ class Worker:
         self._held = self._producer.held
         self.maintenance = Periodic(self._maintenance_services(), self._outage)
         self._sending: dict[str, asyncio.Task[Completion]] = {}
+        self._transport_of: dict[str, WatchedTransport] = {}
         self._progress = asyncio.Event()
         self._listener: JobListener | None = None
 
@@ -296,11 +297,11 @@ class Worker:
 
     async def close(self) -> None:
         """Give back what is held but unrecorded, record what is finished, close transports."""
-        await cancel_and_wait(list(self._sending.values()))
+        interrupted = await self._cancel_sends(list(self._sending.values()))
         if self._completer.pending:
             with contextlib.suppress(StoreError):
                 await self._completer.flush()
-        await self._release_unfinished(deadline=None)
+        await self._release_unfinished(deadline=None, interrupted=interrupted)
         await self._slots.close_all()
 
     @property
@@ -339,13 +340,14 @@ class Worker:
     def _start(self, jobs: Sequence[Job]) -> list[asyncio.Task[Completion]]:
         tasks = []
         for job in jobs:
-            transport = self._slots.take()
+            transport = WatchedTransport(self._slots.take())
             task = asyncio.create_task(self._attempt(job, transport), name=f"deliver {job.id}")
             self._sending[job.id] = task
+            self._transport_of[job.id] = transport
             tasks.append(task)
         return tasks
 
-    async def _attempt(self, job: Job, transport: Transport) -> Completion:
+    async def _attempt(self, job: Job, transport: WatchedTransport) -> Completion:
         """Deliver in a slot, then hand the outcome to the completer.
 
         Even a bug must end in an outcome: a job left held would have its
@@ -359,8 +361,9 @@ class Worker:
             self._log.exception("delivery crashed", job_id=job.id)
             completion = self._deliverer.crashed(job, exc)
         finally:
-            self._slots.put_back(transport, reusable=finished)
+            self._slots.put_back(transport.inner, reusable=finished)
             self._sending.pop(job.id, None)
+            self._transport_of.pop(job.id, None)
         self._completer.add(completion, last_for_now=not self._sending)
         return completion
 
@@ -403,36 +406,79 @@ class Worker:
 
         Sends still running at the timeout are cancelled and their jobs
         released, like the claimed jobs that never started: they will be
-        sent again (at-least-once, same Message-ID). Finished sends are
-        recorded, retrying for a few seconds if the database is away.
+        sent again (at-least-once, same Message-ID). Each release is
+        recorded as a `shutdown` attempt row; only a send cancelled after
+        its content went to the server uses an attempt (`_release_unfinished`).
+        Finished sends are recorded, retrying for a few seconds if the
+        database is away.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.shutdown_timeout
         in_flight = list(self._sending.values())
+        interrupted: dict[str, bool | None] = {}
         if in_flight:
             self._log.info("waiting for sends in flight", count=len(in_flight))
             self.events.emit("waiting_for_sends", count=len(in_flight))
             _, late = await asyncio.wait(in_flight, timeout=self.settings.shutdown_timeout)
             if late:
                 self._log.warning("cancelling sends still running at the timeout", count=len(late))
-                await cancel_and_wait(list(late))
+                interrupted = await self._cancel_sends(list(late))
         if not await self._completer.flush_until(deadline + FLUSH_GRACE):
             self._log.error(
                 "could not record outcomes before exiting; those jobs will be sent again",
                 count=self._completer.pending,
             )
-        await self._release_unfinished(deadline=deadline + FLUSH_GRACE)
+        await self._release_unfinished(deadline=deadline + FLUSH_GRACE, interrupted=interrupted)
         await self._slots.close_all()
 
-    async def _release_unfinished(self, deadline: float | None) -> None:
-        """Give back held jobs that have no outcome: not started, or cancelled mid-send."""
+    async def _cancel_sends(
+        self, tasks: Sequence[asyncio.Task[Completion]]
+    ) -> dict[str, bool | None]:
+        """Cancel these attempts; returns, per job whose send began, whether its content went out.
+
+        Read from each attempt's transport just before the cancellation,
+        with no await in between (`mailqd.daemon.cutoff`): True after DATA,
+        False before, None when the transport cannot say. An attempt still
+        composing is not in it: its job is given back as not started.
+        """
+        cancelling = set(tasks)
+        watched = self._transport_of
+        interrupted = {
+            job_id: watched[job_id].reached_data()
+            for job_id, task in self._sending.items()
+            if task in cancelling and job_id in watched and watched[job_id].began
+        }
+        await cancel_and_wait(list(tasks))
+        return interrupted
+
+    async def _release_unfinished(
+        self, deadline: float | None, interrupted: Mapping[str, bool | None] | None = None
+    ) -> None:
+        """Give back held jobs that have no outcome: not started, or cancelled mid-send.
+
+        `interrupted` holds the sends cancelled (`_cancel_sends`). Each job
+        is recorded as a `shutdown` give-back saying which; one whose
+        content had gone to the server, or may have (the transport cannot
+        say), uses an attempt: the server may have the message, so the next
+        send is a resend (docs/reliability.md).
+        """
         loop = asyncio.get_running_loop()
+        interrupted = interrupted or {}
         with_outcome = self._completer.pending_job_ids()
         unfinished = [job_id for job_id in self._held if job_id not in with_outcome]
+        reasons = {job_id: _shutdown_reason(job_id, interrupted) for job_id in unfinished}
+        counted = {job_id for job_id in unfinished if interrupted.get(job_id, False) is not False}
         while unfinished:
             try:
                 await asyncio.to_thread(
-                    self.store.release, unfinished, self.owner, self.clock.now()
+                    partial(
+                        self.store.release,
+                        unfinished,
+                        self.owner,
+                        self.clock.now(),
+                        reasons=reasons,
+                        counted=counted,
+                    )
                 )
             except StoreError as exc:
                 delay = self._outage.failed(exc, "releasing unsent jobs")
@@ -444,14 +490,29 @@ class Worker:
                     return
                 await asyncio.sleep(delay)
                 continue
-            self._log.info("released unsent jobs", count=len(unfinished))
-            self.events.emit("released", job_ids=unfinished)
+            self._log.info("released unsent jobs", count=len(unfinished), counted=len(counted))
+            self.events.emit("released", job_ids=unfinished, counted=sorted(counted))
             for job_id in unfinished:
                 self._held.pop(job_id, None)
             return
 
     def _database_url(self) -> str:
         return self.store.url
+
+
+def _shutdown_reason(job_id: str, interrupted: Mapping[str, bool | None]) -> str:
+    """The attempt row's text of a job given back when its worker stopped."""
+    if job_id not in interrupted:
+        return "shutdown: given back before its send started"
+    said = interrupted[job_id]
+    if said is False:
+        return "shutdown: send cancelled as the worker stopped, before DATA"
+    if said:
+        return (
+            "shutdown: send cancelled as the worker stopped, after its content was sent "
+            "(the server may have it)"
+        )
+    return "shutdown: send cancelled as the worker stopped, maybe after DATA (no phase known)"
 
 
 # -- the forked process ---------------------------------------------------------

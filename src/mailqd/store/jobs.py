@@ -9,7 +9,7 @@ agree on what is due and what has expired.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any
@@ -24,10 +24,12 @@ from mailqd.store.schema import UNLEASED, add_seconds, utcnow
 from mailqd.store.screening import ScreenedClaim, ScreenRules
 from mailqd.store.sql import a, at_time, held, q, status_is
 
-__all__ = ["LONGEST_LEASE", "JobLeases"]
+__all__ = ["LONGEST_LEASE", "RELEASED_UNSENT", "JobLeases"]
 
 LONGEST_LEASE = 86400.0
 """Seconds: a lease ending further ahead was given by no worker, and is rescued (`rescue`)."""
+RELEASED_UNSENT = "released: given back unsent by its worker"
+"""The attempt row's text of a job `release` gives back without a reason."""
 
 
 def _claim_statement(at: sa.ColumnElement[datetime], *, rowids: bool = False) -> sa.Update:
@@ -167,24 +169,47 @@ class JobLeases:
             return 0
         return self._db.dialect.complete(self._db, completions, now)
 
-    def release(self, job_ids: Sequence[str], owner: str, now: datetime | None = None) -> int:
-        """Give held jobs back unsent: pending, due now, the attempt not counted."""
+    def release(
+        self,
+        job_ids: Sequence[str],
+        owner: str,
+        now: datetime | None = None,
+        *,
+        reasons: Mapping[str, str] | None = None,
+        counted: Collection[str] = (),
+    ) -> int:
+        """Give held jobs back: pending, due now, each with an attempt row saying why.
+
+        `reasons` maps a job to what happened (default `RELEASED_UNSENT`).
+        A job in `counted` had reached DATA (its content may be with the
+        server): its attempt is counted, recorded `ambiguous`, and the
+        reason becomes its `last_error`. The others use no attempt and are
+        recorded `released`, their `last_error` untouched. Returns how many
+        jobs this owner still held and gave back.
+        """
         if not job_ids:
             return 0
         at = at_time(now)
-        stmt = (
-            q.update()
-            .where(q.c.id.in_(job_ids), q.c.status == Status.SENDING, q.c.lease_owner == owner)
-            .values(
-                status=Status.PENDING,
-                lease_owner=None,
-                lease_expires_at=None,
-                next_attempt_at=at,
-                updated_at=at,
-            )
-        )
+        why = dict(reasons or {})
+        counted_ids = [job_id for job_id in job_ids if job_id in counted]
+        unsent_ids = [job_id for job_id in job_ids if job_id not in counted]
         with self._db.begin() as conn:
-            return conn.execute(stmt).rowcount
+            given: list[tuple[str, int, Outcome]] = []
+            if unsent_ids:
+                result = conn.execute(_release_statement(at, unsent_ids, owner, counted=False))
+                given += [(row.id, row.number, Outcome.RELEASED) for row in result]
+            for job_id in counted_ids:
+                reason = why.get(job_id, RELEASED_UNSENT)
+                stmt = _release_statement(at, [job_id], owner, counted=True, error=reason)
+                given += [(row.id, row.number, Outcome.AMBIGUOUS) for row in conn.execute(stmt)]
+            if given:
+                started = conn.execute(sa.select(at)).scalar_one()
+                rows_ = [
+                    _given_back(job_id, number, started, outcome, why.get(job_id), owner)
+                    for job_id, number, outcome in given
+                ]
+                conn.execute(a.insert(), rows_)
+        return len(given)
 
     def extend_leases(
         self, job_ids: Sequence[str], owner: str, lease_seconds: float, now: datetime | None = None
@@ -205,6 +230,7 @@ class JobLeases:
         self,
         *,
         owner: str | None = None,
+        reason: str | None = None,
         now: datetime | None = None,
         limit: int = 1000,
         longest_lease: float = LONGEST_LEASE,
@@ -215,26 +241,76 @@ class JobLeases:
         hung), and `sending` rows no worker can hold: with no lease at all,
         or one ending more than `longest_lease` seconds from now, which no
         worker gives (plain SQL wrote them). With `owner`: every job that
-        worker holds, expired or not (the supervisor saw it die). The
-        interrupted attempt is counted and recorded as `lost`, so a message
-        that kills every worker that tries it runs out of attempts instead
-        of looping forever.
+        worker holds, expired or not (the supervisor saw it die), with
+        `reason` (what the supervisor saw: "worker killed: ...") as each
+        job's `last_error`. Each is recorded as `lost`, stamped with the
+        time of the rescue. Nobody who is left knows whether the attempt
+        had reached DATA: a job's first loss uses no attempt, every later
+        one does, so that a message that kills every worker that tries it
+        runs out of attempts instead of looping forever
+        (docs/reliability.md).
         """
         at = at_time(now)
-        stmt = _rescue_statement(at, owner, limit, longest_lease)
+        stmt = _rescue_statement(at, owner, reason, limit, longest_lease)
         with self._db.begin() as conn, rows.replacing_bad_utf8(conn):  # an id plain SQL wrote
             rescued = list(conn.execute(stmt))
             if rescued:
+                counted = _were_lost(conn, [r.id for r in rescued])
                 started = conn.execute(sa.select(at)).scalar_one()
-                conn.execute(a.insert(), [_lost(r, started, owner) for r in rescued])
+                conn.execute(
+                    a.insert(), [_lost(r, r.id in counted, started, owner) for r in rescued]
+                )
                 self._db.dialect.notify(conn)
         return [r.id for r in rescued]
 
 
-def _rescue_statement(
-    at: sa.ColumnElement[datetime], owner: str | None, limit: int, longest_lease: float
+def _release_statement(
+    at: sa.ColumnElement[datetime],
+    job_ids: Sequence[str],
+    owner: str,
+    *,
+    counted: bool,
+    error: str | None = None,
 ) -> sa.Update:
-    """Jobs `rescue` returns, pending again with the reason in `last_error`."""
+    """Jobs `release` gives back, returning each one's id and the number of its attempt row.
+
+    The number is that of the attempt the job was on (RETURNING reads the
+    updated row): when it is counted, the new `attempts`; when not, the
+    attempt it will make next, as a `deferred` row has. `counted_attempt`
+    gives a number whatever plain SQL left in `attempts`.
+    """
+    values: dict[str, Any] = {
+        "status": Status.PENDING,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "next_attempt_at": at,
+        "updated_at": at,
+    }
+    if counted:
+        values |= {"attempts": rows.counted_attempt(), "last_error": error}
+    number = q.c.attempts if counted else rows.counted_attempt()
+    return (
+        q.update()
+        .where(q.c.id.in_(job_ids), q.c.status == Status.SENDING, q.c.lease_owner == owner)
+        .values(**values)
+        .returning(q.c.id, number.label("number"))
+    )
+
+
+def _rescue_statement(
+    at: sa.ColumnElement[datetime],
+    owner: str | None,
+    reason: str | None,
+    limit: int,
+    longest_lease: float,
+) -> sa.Update:
+    """Jobs `rescue` returns, pending again with the reason in `last_error`.
+
+    The attempt is counted only for a job lost before (`_lost_before`).
+    RETURNING gives the new `attempts` and the attempt after it (`next`,
+    a number whatever plain SQL left in `attempts`): the number of the
+    `lost` row is the first when counted, else the second (`_lost`).
+    """
     too_long = q.c.lease_expires_at > add_seconds(at, longest_lease)
     if owner is not None:
         cond = held() & (q.c.lease_owner == owner)
@@ -249,7 +325,7 @@ def _rescue_statement(
         .prefix_with("MATERIALIZED", dialect="postgresql")
     )
     worker = sa.func.coalesce(q.c.lease_owner, "?")
-    why = sa.case(
+    why: sa.ColumnElement[str] = sa.case(
         (UNLEASED, sa.literal("sending with no lease: no worker held it")),
         (
             too_long,
@@ -259,32 +335,65 @@ def _rescue_statement(
         ),
         else_=sa.literal("lease expired: the worker ")
         + worker
-        + sa.literal(" stopped during delivery"),
+        + sa.literal(" stopped renewing it during delivery"),
     )
+    if owner is not None:
+        said = reason or f"worker died: the worker {owner} held it when it ended"
+        why = sa.literal(said, sa.Text)
+    again = _lost_before()
     return (
         q.update()
         .where(q.c.id.in_(sa.select(victims.c.id)), cond)
         .values(
             status=Status.PENDING,
-            attempts=rows.counted_attempt(),
+            attempts=sa.case((again, rows.counted_attempt()), else_=q.c.attempts),
             last_error=why,
             lease_owner=None,
             lease_expires_at=None,
             next_attempt_at=at,
             updated_at=at,
         )
-        .returning(q.c.id, q.c.attempts, q.c.last_error)
+        .returning(q.c.id, q.c.attempts, rows.counted_attempt().label("next"), q.c.last_error)
     )
 
 
-def _lost(row: Any, started: datetime, owner: str | None) -> dict[str, Any]:
+def _lost_before() -> sa.Exists:
+    """Whether the job already has a `lost` attempt row: it was lost before this rescue.
+
+    The one statement of the rule, used by the rescue's UPDATE and then
+    by `_were_lost`, through the attempts' index on `job_id`. Not in
+    RETURNING: SQLite writes its columns there without their table, and
+    `id` would be the attempt's.
+    """
+    return (
+        sa.exists()
+        .where(a.c.job_id == q.c.id, a.c.outcome == sa.literal_column(f"'{Outcome.LOST.value}'"))
+        .correlate(q)
+    )
+
+
+def _were_lost(conn: sa.Connection, job_ids: list[str]) -> set[str]:
+    """Which of these jobs the rescue counted: `_lost_before`, read before their rows go in."""
+    stmt = sa.select(q.c.id).where(q.c.id.in_(job_ids), _lost_before())
+    return set(conn.execute(stmt).scalars())
+
+
+def _lost(row: Any, counted: bool, started: datetime, owner: str | None) -> dict[str, Any]:
     """The `lost` attempt row of one rescued job."""
+    number = row.attempts if counted else row.next
+    return _given_back(row.id, number, started, Outcome.LOST, row.last_error, owner)
+
+
+def _given_back(
+    job_id: str, number: int, at: datetime, outcome: Outcome, text: str | None, owner: str | None
+) -> dict[str, Any]:
+    """The attempt row of one job given back (released or rescued), stamped `at`."""
     return {
-        "job_id": row.id,
-        "attempt": row.attempts,
-        "started_at": started,
+        "job_id": job_id,
+        "attempt": number,
+        "started_at": at,
         "duration_seconds": 0.0,
-        "outcome": Outcome.LOST,
-        "smtp_text": row.last_error,
+        "outcome": outcome,
+        "smtp_text": text or RELEASED_UNSENT,
         "worker": owner,
     }

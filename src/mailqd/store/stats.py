@@ -31,6 +31,8 @@ __all__ = ["Statistics", "Unfinished"]
 
 _FIVE_MINUTES = 300.0
 _HOUR = 3600.0
+_NOT_TRIED = (*SCREENED_OUTCOMES, Outcome.RELEASED)
+"""Attempt rows that are no delivery attempt: set aside at the claim, or given back unsent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,9 +149,7 @@ class Statistics:
 
     def failed_attempts_count(self) -> int:
         """Attempts that did not deliver (retried, failed, expired, lost) still on record."""
-        stmt = sa.select(sa.func.count()).where(
-            a.c.outcome.not_in((Outcome.SENT, *SCREENED_OUTCOMES))
-        )
+        stmt = sa.select(sa.func.count()).where(a.c.outcome.not_in((Outcome.SENT, *_NOT_TRIED)))
         with self._db.begin() as conn:
             return int(conn.execute(stmt).scalar_one())
 
@@ -194,7 +194,7 @@ def _attempts(at: sa.ColumnElement[datetime]) -> sa.Select[*tuple[int, ...]]:
     """
     hour_ago, five_min_ago = add_seconds(at, -_HOUR), add_seconds(at, -_FIVE_MINUTES)
     in_5m = a.c.started_at > five_min_ago
-    tried = a.c.outcome.not_in(SCREENED_OUTCOMES)
+    tried = a.c.outcome.not_in(_NOT_TRIED)
     duplicate, deferred = a.c.outcome == Outcome.DUPLICATE, a.c.outcome == Outcome.DEFERRED
     capped, by_relay = deferred & (a.c.duration_seconds == 0), deferred & (a.c.duration_seconds > 0)
     kinds = (tried, duplicate, capped, by_relay)

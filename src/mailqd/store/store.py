@@ -22,7 +22,7 @@ needs the SQLAlchemy engine: `check_schema`, `forget_after_fork`,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -186,9 +186,17 @@ class Store:
         """Record outcomes of held jobs and their attempts; returns how many jobs changed."""
         return self.jobs.complete(completions, now)
 
-    def release(self, job_ids: Sequence[str], owner: str, now: datetime | None = None) -> int:
-        """Give held jobs back unsent: pending, due now, the attempt not counted."""
-        return self.jobs.release(job_ids, owner, now)
+    def release(
+        self,
+        job_ids: Sequence[str],
+        owner: str,
+        now: datetime | None = None,
+        *,
+        reasons: Mapping[str, str] | None = None,
+        counted: Collection[str] = (),
+    ) -> int:
+        """Give held jobs back, each with an attempt row saying why (`JobLeases.release`)."""
+        return self.jobs.release(job_ids, owner, now, reasons=reasons, counted=counted)
 
     def extend_leases(
         self, job_ids: Sequence[str], owner: str, lease_seconds: float, now: datetime | None = None
@@ -200,12 +208,15 @@ class Store:
         self,
         *,
         owner: str | None = None,
+        reason: str | None = None,
         now: datetime | None = None,
         limit: int = 1000,
         longest_lease: float = LONGEST_LEASE,
     ) -> list[str]:
         """Return jobs whose worker is gone to the queue; returns their ids (`JobLeases.rescue`)."""
-        return self.jobs.rescue(owner=owner, now=now, limit=limit, longest_lease=longest_lease)
+        return self.jobs.rescue(
+            owner=owner, reason=reason, now=now, limit=limit, longest_lease=longest_lease
+        )
 
     # -- the operator's operations (`mailqd.store.changes`) ---------------------------
 
