@@ -116,11 +116,6 @@ def test_a_send_cut_off_after_data_at_shutdown_uses_one_attempt(
     assert store.get(job_id).attempts == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RoutedTransport (the slot's transport) does not pass on its relay transports' "
-    "`content_sent` yet (mailqd.daemon.cutoff): until it does, a send cut off is counted",
-)
 def test_a_send_cut_off_before_data_uses_no_attempt_when_its_transport_says_so(
     store: Store, db_url: str, smtp_server: SmtpServer
 ) -> None:
@@ -144,11 +139,6 @@ def test_a_send_cut_off_before_data_uses_no_attempt_when_its_transport_says_so(
     assert attempt.smtp_text == "shutdown: send cancelled as the worker stopped, before DATA"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SmtpTransport and RoutedTransport do not say yet whether a send's content went out "
-    "(`content_sent`, mailqd.daemon.cutoff): until they do, a send cut off is counted",
-)
 def test_an_smtp_send_cut_off_before_data_uses_no_attempt(
     store: Store, db_url: str, smtp_server: SmtpServer
 ) -> None:

@@ -74,6 +74,19 @@ class RoutedTransport:
         self._gate = gate
         self._caps = connection_caps or {}
         self._transports: dict[str, Transport] = {}
+        self._current: Transport | None = None
+        self._part_accepted = False
+
+    @property
+    def content_sent(self) -> bool | None:
+        """Whether this send handed its content to a relay: a part was accepted, or the
+        relay transport in use says so; None when that transport cannot say."""
+        if self._part_accepted:
+            return True
+        if self._current is None:
+            return False
+        said = getattr(self._current, "content_sent", None)
+        return said if isinstance(said, bool) else None
 
     def __repr__(self) -> str:
         return f"RoutedTransport({', '.join(self._plan.relays)})"
@@ -81,6 +94,7 @@ class RoutedTransport:
     async def send(self, message: OutgoingMessage) -> SendResult:
         if not message.recipients:
             raise PermanentDeliveryError("the message has no envelope recipients")
+        self._current, self._part_accepted = None, False
         if self._plan.single:
             return await self._send_route(self._plan.default_route, message)
         groups = self._plan.split(message.recipients, message.sender)
@@ -120,10 +134,14 @@ class RoutedTransport:
         transport = self._transports.get(relay)
         if transport is None:
             transport = self._transports[relay] = self._factories[relay]()
+        self._current = transport
         if cap is None:
-            return await transport.send(message)
-        async with cap:
-            return await transport.send(message)
+            result = await transport.send(message)
+        else:
+            async with cap:
+                result = await transport.send(message)
+        self._part_accepted = True
+        return result
 
     def _route_down(
         self, route: RouteSpec, last: RelayUnavailableError | None

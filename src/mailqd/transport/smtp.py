@@ -115,6 +115,7 @@ class SmtpTransport:
         self._offers: frozenset[str] = frozenset()
         self._stale = False  # the last failure says the reused connection was dead already
         self._sending = False
+        self._content_sent = False  # this send wrote its content (after DATA's 354)
         self._last_used = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
 
@@ -135,6 +136,15 @@ class SmtpTransport:
         return self._reader is not None and self._reader.usable
 
     @property
+    def content_sent(self) -> bool:
+        """Whether the last (or current) send handed its content to the socket.
+
+        What a send cut off at shutdown asks: after this, the server may have
+        the message, so the cut-off attempt counts (docs/reliability.md).
+        """
+        return self._content_sent
+
+    @property
     def buffered_bytes(self) -> int:
         """Bytes of server replies held for this connection (bounded; see `ReplyReader`)."""
         return self._reader.buffered_bytes if self._reader is not None else 0
@@ -148,6 +158,7 @@ class SmtpTransport:
             self._drop()  # the idle timer is due and has not run yet
         reused = self.is_connected
         self._sending = True
+        self._content_sent = False
         try:
             try:
                 return await self._deliver(message)
@@ -342,6 +353,7 @@ class SmtpTransport:
         """Write the content after DATA's 354; from then on, a failure is ambiguous."""
         reader.send(payload, 1)
         self._phase = _Phase.DATA_SENT
+        self._content_sent = True
         reply = await reader.reply(self._settings.timeouts.data)
         if not 200 <= reply.code < 300:
             raise Refused(reply)
