@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from daemon_process import DaemonPool, daemon_env
 from mailqd.config import Settings
 from mailqd.daemon.worker import Worker
 from mailqd.models import Outcome, RecipientStatus, Status
@@ -29,6 +30,7 @@ from mailqd.routes import parse_relays, parse_routes
 from mailqd.store import Store
 from mailqd.store.relay_tables import email_recipients
 from mailqd.validation import build_job
+from sidecar_client import get, scrape, wait_until
 from smtp_server import SmtpServer, smtp_server_fixture
 
 __all__ = ["smtp_server_fixture"]
@@ -433,3 +435,37 @@ def test_a_relays_rate_limit_holds_for_all_workers(
     with store.engine.connect() as conn:  # the shared bucket, not a per-process pace
         names = conn.execute(sa.text("SELECT name FROM mailqd_rate_limit")).scalars().all()
     assert "relay:limited" in names
+
+
+# -- a real daemon: failover seen in /metrics and /healthz ------------------------------
+
+
+def test_a_daemon_fails_over_and_its_sidecar_shows_which_relay_is_down(
+    daemons: DaemonPool, db_url: str, store: Store, smtp_server: SmtpServer
+) -> None:
+    dead = f"smtp://127.0.0.1:{free_port()}"
+    env = daemon_env(
+        {
+            "MAILQD_DATABASE_URL": db_url,
+            "MAILQD_SMTP_URL": f"{dead} {smtp_server.url()}",
+            "MAILQD_FROM": SENDER,
+            "MAILQD_WORKERS": "2",
+            "MAILQD_POLL_INTERVAL": "0.2",
+        }
+    )
+    job_ids = enqueue(store, 30)
+    daemon = daemons.mailqd(env)
+    daemon.wait_for(
+        lambda: all(store.get(j).status is Status.SENT for j in job_ids), "every job sent"
+    )
+    sidecar = daemon.sidecar_url()
+    samples = wait_until(
+        lambda: ((s := scrape(sidecar)).get('mailqd_relay_up{relay="relay1"}') == 0 and s) or None,
+        "relay1 shown down",
+    )
+    assert samples['mailqd_relay_up{relay="relay2"}'] == 1
+    assert samples['mailqd_relay_failures_total{reason="refused",relay="relay1"}'] >= 1
+    status, body = get(sidecar + "/healthz")
+    assert status == 200 and "degraded" in body and "relay1" in body
+    assert len(smtp_server.messages) == 30
+    assert {store.get(j).attempts for j in job_ids} == {1}
