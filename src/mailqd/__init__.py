@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 from mailqd.errors import MailqError
 
 if TYPE_CHECKING:
+    from mailqd.attachments import Attachment
     from mailqd.client import AsyncClient, Client
 
 __version__ = "0.1.0"
-__all__ = ["AsyncClient", "Client", "MailqError", "__version__"]
+__all__ = ["AsyncClient", "Attachment", "Client", "MailqError", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -23,4 +24,8 @@ def __getattr__(name: str) -> Any:
         from mailqd import client
 
         return getattr(client, name)
+    if name == "Attachment":
+        from mailqd.attachments import Attachment
+
+        return Attachment
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
