@@ -12,6 +12,7 @@ class of the driver's error, as DB-API defines it: an `OperationalError`
 from __future__ import annotations
 
 import sqlite3
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -38,6 +39,28 @@ def translate_errors() -> Iterator[None]:
         yield
     except DBAPIError as exc:
         raise translated(exc) from exc
+    except Exception as exc:
+        raw = _translated_raw_psycopg(exc)
+        if raw is None:
+            raise
+        raise raw from exc
+
+
+def _translated_raw_psycopg(exc: Exception) -> StoreError | None:
+    """A psycopg 3 error raised on the caller's own connection (the outbox's `connection=`),
+    which SQLAlchemy never wrapped; None for anything else."""
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is None or not isinstance(exc, psycopg.Error):
+        return None
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    state = getattr(exc, "sqlstate", None)
+    if state == _UNDEFINED_TABLE:
+        return SchemaError("the mailqd tables do not exist; run `mailqctl migrate`")
+    if isinstance(exc, psycopg.OperationalError):
+        return DatabaseUnavailableError(f"database unavailable: {first}")
+    if state == _UNIQUE_VIOLATION:
+        return ConstraintError(f"database error: {first}")
+    return StoreError(f"database error: {first}")
 
 
 def translated(exc: DBAPIError) -> StoreError:
