@@ -2,7 +2,8 @@
 
 The database is a PostgreSQL database of the test run, migrated for mailqd;
 `tests/test_django_backend.py` creates it and names it in
-`MAILQD_TEST_DJANGO_DATABASE_URL` before `django.setup()`. Tests change
+`MAILQD_TEST_DJANGO_DATABASE_URL` before `django.setup()` (and an empty one
+in `MAILQD_TEST_DJANGO_UNMIGRATED_URL`). Tests change
 `MAILQD` with `override_settings`.
 """
 
@@ -11,21 +12,27 @@ from __future__ import annotations
 import os
 from urllib.parse import unquote, urlsplit
 
-_url = urlsplit(os.environ["MAILQD_TEST_DJANGO_DATABASE_URL"])
+
+def _postgresql(url: str) -> dict[str, str]:
+    parts = urlsplit(url)
+    return {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": unquote(parts.path.lstrip("/")),
+        "USER": unquote(parts.username or ""),
+        "PASSWORD": unquote(parts.password or ""),
+        "HOST": parts.hostname or "",
+        "PORT": str(parts.port or ""),
+    }
+
 
 SECRET_KEY = "mailqd tests only"
 USE_TZ = True
 INSTALLED_APPS: list[str] = []
 
 DATABASES = {
-    "default": {
-        "ENGINE": "django.db.backends.postgresql",
-        "NAME": unquote(_url.path.lstrip("/")),
-        "USER": unquote(_url.username or ""),
-        "PASSWORD": unquote(_url.password or ""),
-        "HOST": _url.hostname or "",
-        "PORT": str(_url.port or ""),
-    },
+    "default": _postgresql(os.environ["MAILQD_TEST_DJANGO_DATABASE_URL"]),
+    # A database without mailqd's tables (`mailqctl migrate` never run).
+    "unmigrated": _postgresql(os.environ["MAILQD_TEST_DJANGO_UNMIGRATED_URL"]),
     # Not for mailqd's jobs: the backend must refuse to write through it.
     "local": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"},
 }
