@@ -33,6 +33,7 @@ FORBIDDEN: list[tuple[str, str, tuple[str, ...]]] = [
     ("mailqd", "sqlalchemy", ("mailqd.store",)),
     ("mailqd", "alembic", ("mailqd.store",)),
     ("mailqd", "psycopg", ("mailqd.store",)),
+    ("mailqd", "django", ("mailqd.contrib.django",)),
 ]
 
 

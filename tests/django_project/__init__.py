@@ -1,0 +1,1 @@
+"""A Django project for tests/test_django_backend.py: settings only, no apps of its own."""
