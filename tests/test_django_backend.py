@@ -360,13 +360,6 @@ def test_fail_silently_swallows_an_unreachable_database(queue: Store) -> None:
             mail.send_mail("Hi", "body", None, ["alice@example.com"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store gap: errors psycopg raises directly (the COPY of SqlAlchemyWriter.copy, every "
-    "PsycopgWriter statement) are not translated into mailqd's (src/mailqd/store/translate.py "
-    "takes SQLAlchemy's only): a database without mailqd's tables raises psycopg's "
-    "UndefinedTable, not SchemaError, and fail_silently cannot tell it is mailqd's",
-)
 @pytest.mark.parametrize("through", ["database-url", "django-connection"])
 def test_a_database_without_mailqds_tables_says_to_migrate(queue: Store, through: str) -> None:
     setting: dict[str, object] = (
