@@ -98,9 +98,10 @@ def _size(where: str, attachment: Any) -> int:
             raise ValidationError(
                 f"{where}.content", "has no content (no mailqd_blobs row has its blob_sha256)"
             )
-        if not isinstance(content, bytes | bytearray | memoryview):
-            raise ValidationError(f"{where}.content", f"must be bytes, not {type(content).__name__}")
-        return len(content) if not isinstance(content, memoryview) else content.nbytes
+        if not isinstance(content, bytes | bytearray):
+            kind = type(content).__name__
+            raise ValidationError(f"{where}.content", f"must be bytes, not {kind}")
+        return len(content)
     size = attachment.size
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise ValidationError(f"{where}.size", "must be a whole number of bytes")
