@@ -218,9 +218,7 @@ class AttachmentStore:
         if self._db.dialect.is_postgresql:
             conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{_PURGE_LOCK_TIMEOUT}'")
             conn.exec_driver_sql("LOCK TABLE mailqd_blobs IN SHARE ROW EXCLUSIVE MODE")
-        window = (
-            sa.select(b.c.sha256).where(b.c.sha256 > after).order_by(b.c.sha256).limit(size)
-        )
+        window = sa.select(b.c.sha256).where(b.c.sha256 > after).order_by(b.c.sha256).limit(size)
         keys = list(conn.execute(window).scalars())
         if not keys:
             return True, 0, after
