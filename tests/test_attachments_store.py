@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import psycopg
@@ -424,3 +426,59 @@ def test_the_enqueue_role_cannot_file_other_bytes_under_a_hash(role_url: str, pg
     store = Store.from_url(pg_url)
     assert store.attachments.for_job(job) == [Attachment("a.pdf", PDF)]
     store.close()
+
+
+def test_the_purge_waits_for_an_open_enqueue_that_reuses_stored_content(pg_url: str) -> None:
+    """Content left by a cleaned-up job, attached again in a transaction still open, is kept.
+
+    The enqueue's blob insert finds the content stored and writes nothing;
+    the purge must not delete it before the new attachment row commits.
+    """
+    store = Store.from_url(pg_url)
+    with Client(pg_url) as client, psycopg.connect(libpq_url(pg_url)) as raw:
+        old = client.enqueue("a@example.com", "old", "x", attachments=[("a.pdf", PDF)])
+        finish(store, [old])
+        with store.engine.begin() as conn:  # the cleanup's job batch, without its purge
+            conn.execute(sa.text("DELETE FROM email_attachments"))
+        again = client.enqueue(
+            "b@example.com", "new", "x", attachments=[("b.pdf", PDF)], connection=raw
+        )
+        with ThreadPoolExecutor(1) as pool:
+            purged = pool.submit(store.attachments.purge_orphan_blobs)
+            with psycopg.connect(libpq_url(pg_url), autocommit=True) as watcher:
+                deadline = time.monotonic() + 10
+                while not watcher.execute(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                    "WHERE c.relname = 'mailqd_blobs' AND NOT l.granted"
+                ).fetchone()[0]:  # type: ignore[index]
+                    assert time.monotonic() < deadline, "the purge never waited for the enqueue"
+                    assert not purged.done(), purged.result()
+                    time.sleep(0.01)  # polling a condition, with a deadline
+            raw.commit()
+            assert purged.result(timeout=10) == 0
+    assert store.attachments.for_job(again) == [Attachment("b.pdf", PDF)]
+    store.close()
+
+
+def test_the_limits_are_config_keys_and_the_claim_check_needs_no_content(
+    client: Client, store: Store
+) -> None:
+    from mailqd.config import load_settings
+    from mailqd.errors import ConfigError
+
+    settings = load_settings(
+        env={"MAILQD_MAX_ATTACHMENTS": "1", "MAILQD_MAX_ATTACHMENT_BYTES": "4096"}
+    )
+    limits = Limits.from_settings(settings)
+    assert (limits.max_attachments, limits.max_attachment_bytes) == (1, 4096)
+    assert (Limits().max_attachments, Limits().max_attachment_bytes) == (100, 25 * 1024 * 1024)
+    with pytest.raises(ConfigError, match="max_attachment_bytes: must be at least 0"):
+        load_settings(env={"MAILQD_MAX_ATTACHMENT_BYTES": "-1"})
+
+    # Queued under the client's default limits, over the daemon's: refused at claim.
+    job = client.enqueue("a@example.com", "s", "x", attachments=[("a", PDF), ("b", LOGO)])
+    described = store.attachments.describe_jobs([job])[job]
+    with pytest.raises(LimitExceededError, match=r"more than 1 attachments \(max_attachments\)"):
+        check_attachments(described, limits)
+    with pytest.raises(LimitExceededError, match=r"max_attachment_bytes"):
+        check_attachments(described[:1], limits)
