@@ -131,6 +131,12 @@ BAD = [
     pytest.param([Attachment("a\\b.pdf", b"x")], "attachments[0].filename", "path", id="backslash"),
     pytest.param([Attachment("a\x00.pdf", b"x")], "attachments[0].filename", "control", id="nul"),
     pytest.param([Attachment("a\r\nb", b"x")], "attachments[0].filename", "control", id="crlf"),
+    pytest.param(
+        [Attachment("invoice\u202efdp.exe", b"x")],
+        "attachments[0].filename",
+        "control",
+        id="bidi-override",
+    ),
     pytest.param([Attachment("", b"x")], "attachments[0].filename", "empty", id="empty"),
     pytest.param([Attachment("..", b"x")], "attachments[0].filename", "'..'", id="dots"),
     pytest.param([Attachment("x" * 256, b"x")], "attachments[0].filename", "255", id="long"),

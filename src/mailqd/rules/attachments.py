@@ -30,8 +30,9 @@ __all__ = [
 MAX_FILENAME_LENGTH = 255  # what file systems hold in one name
 MAX_CONTENT_ID_LENGTH = 250  # a Content-ID header line stays well under 998
 
-# Controls (C0, DEL, C1), and the path separators of both worlds.
-_NOT_IN_FILENAME = re.compile(r"[\x00-\x1f\x7f-\x9f/\\]")
+# Controls (C0, DEL, C1), the path separators of both worlds, and the
+# bidirectional controls that make "invoice\u202efdp.exe" read as "invoiceexe.pdf".
+_NOT_IN_FILENAME = re.compile("[\x00-\x1f\x7f-\x9f/\\\\\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 # RFC 2045 token characters: printable ASCII minus space and tspecials.
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _CONTENT_TYPE = re.compile(rf"{_TOKEN}/{_TOKEN}")
