@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+from mailqd.attachments import Attachment
 from mailqd.errors import ConfigError
 from mailqd.models import NewJob, Template
 from mailqd.secrets import load_secret_box, seal_variables
@@ -114,6 +115,7 @@ class Client:
         expires_at: datetime | None = None,
         max_attempts: int | None = None,
         idempotency_key: str | None = None,
+        attachments: Iterable[Attachment | tuple[Any, ...]] | None = None,
         connection: Any = None,
     ) -> str:
         """Queue one message and return its job id.
@@ -123,6 +125,10 @@ class Client:
         `send_after`/`expires_at`: timezone-aware datetimes; a job not sent by
         `expires_at` fails as expired. `idempotency_key`: enqueueing the same
         key again returns the first job's id and queues nothing.
+        `attachments`: `Attachment`s, or Django-style `(filename, content,
+        mimetype)` tuples; checked against `max_attachments` and
+        `max_attachment_bytes` and stored with the job, out of its row
+        (identical content once).
         `connection`: a SQLAlchemy Connection or psycopg Connection whose open
         transaction the row is written in; it is not committed here.
         Raises `mailqd.errors.ValidationError` (nothing written) for bad input.
@@ -144,6 +150,7 @@ class Client:
             expires_at=expires_at,
             max_attempts=max_attempts,
             idempotency_key=idempotency_key,
+            attachments=attachments,
             limits=self._limits,
         )
         return self._store.enqueue(seal_variables(job, self._secrets), connection)
@@ -153,7 +160,8 @@ class Client:
     ) -> list[str]:
         """Queue many messages in one transaction, one INSERT per 1,000 rows.
 
-        Each message is a mapping of `enqueue`'s keyword arguments. Every
+        Each message is a mapping of `enqueue`'s keyword arguments
+        (`attachments` included). Every
         message is checked first; if any is bad, a ValidationError names its
         index and nothing is written. Returns the ids in input order.
         """

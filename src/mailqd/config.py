@@ -58,6 +58,8 @@ class Settings:
     max_recipients: int = 100
     max_subject_length: int = 998
     max_body_bytes: int = 10 * 1024 * 1024
+    max_attachments: int = 100
+    max_attachment_bytes: int = 25 * 1024 * 1024
     dkim_domain: str = ""
     dkim_selector: str = ""
     dkim_key_file: str = ""
@@ -137,6 +139,8 @@ _RULES: dict[str, dict[str, Any]] = {
     "max_recipients": {"low": 1},
     "max_subject_length": {"low": 1},
     "max_body_bytes": {"low": 1},
+    "max_attachments": {"low": 0},
+    "max_attachment_bytes": {"low": 0},
     "dedup_window": {"low": 0},
     "recipient_hourly_cap": {"low": 0},
     "template_render_seconds": {"low": 0.01},

@@ -9,7 +9,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mailqd.attachments import Attachment
 
 
 class Status(enum.StrEnum):
@@ -61,6 +64,8 @@ class NewJob:
     expires_at: datetime | None = None
     max_attempts: int | None = None
     idempotency_key: str | None = None
+    attachments: tuple[Attachment, ...] = ()
+    """Written to `email_attachments` and `mailqd_blobs` with the job, never into its row."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
+from mailqd.attachments import Attachment
 from mailqd.errors import InvalidAddressError, MissingContentError, ValidationError
 from mailqd.ids import new_job_id
 from mailqd.models import NewJob
@@ -21,6 +22,7 @@ from mailqd.rules import (
     RESERVED_HEADERS,
     Address,
     Limits,
+    check_attachments,
     check_body_size,
     check_extra_headers,
     check_header_text,
@@ -41,6 +43,7 @@ __all__ = [
     "Limits",
     "Recipients",
     "build_job",
+    "coerce_attachments",
     "parse_addresses",
 ]
 
@@ -77,6 +80,24 @@ def _check_text(field: str, value: object, limits: Limits) -> str | None:
     return value
 
 
+def coerce_attachments(value: object, limits: Limits = DEFAULT_LIMITS) -> tuple[Attachment, ...]:
+    """`Attachment`s and `(filename, content, mimetype)` tuples, checked, as `Attachment`s."""
+    if value is None:
+        return ()
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise ValidationError(
+            "attachments", "must be a list of Attachment or (filename, content, mimetype)"
+        )
+    found: list[Attachment] = []
+    for index, item in enumerate(value):
+        try:
+            found.append(Attachment.coerce(item))
+        except TypeError as exc:
+            raise ValidationError(f"attachments[{index}]", str(exc)) from None
+    check_attachments(found, limits)
+    return tuple(found)
+
+
 def build_job(
     to: Recipients,
     subject: str,
@@ -95,9 +116,14 @@ def build_job(
     expires_at: datetime | None = None,
     max_attempts: int | None = None,
     idempotency_key: str | None = None,
+    attachments: Iterable[Any] | None = None,
     limits: Limits = DEFAULT_LIMITS,
 ) -> NewJob:
-    """Check one message and return it as a `NewJob` with a fresh id."""
+    """Check one message and return it as a `NewJob` with a fresh id.
+
+    `attachments`: `Attachment`s or Django-style `(filename, content,
+    mimetype)` tuples (`coerce_attachments`).
+    """
     to_list = parse_addresses("to", to, limits)
     cc_list = parse_addresses("cc", cc, limits)
     bcc_list = parse_addresses("bcc", bcc, limits)
@@ -133,6 +159,7 @@ def build_job(
     expires_at = check_timestamp("expires_at", expires_at)
     if send_after and expires_at and expires_at <= send_after:
         raise ValidationError("expires_at", "must be later than send_after")
+    files = coerce_attachments(attachments, limits)
 
     return NewJob(
         id=new_job_id(),
@@ -152,4 +179,5 @@ def build_job(
         expires_at=expires_at,
         max_attempts=max_attempts,
         idempotency_key=idempotency_key,
+        attachments=files,
     )

@@ -17,6 +17,13 @@ from mailqd.rules.addresses import (
     parse_recipients,
     parse_single_address,
 )
+from mailqd.rules.attachments import (
+    AttachmentLike,
+    check_attachments,
+    check_content_id,
+    check_content_type,
+    check_filename,
+)
 from mailqd.rules.domains import DNS_LABEL, ascii_dns_name, is_dns_name, is_mail_domain
 from mailqd.rules.headers import (
     MAX_LINE_LENGTH,
@@ -51,10 +58,15 @@ __all__ = [
     "PRIORITY_RANGE",
     "RESERVED_HEADERS",
     "Address",
+    "AttachmentLike",
     "Limits",
     "ascii_dns_name",
+    "check_attachments",
     "check_body_size",
+    "check_content_id",
+    "check_content_type",
     "check_extra_headers",
+    "check_filename",
     "check_header_text",
     "check_idempotency_key",
     "check_json_text",

@@ -57,6 +57,9 @@ class Limits:
     max_header_count: int = 50
     max_header_bytes: int = 32 * 1024
     """Extra headers in all: names, values and their `: ` and CRLF."""
+    max_attachments: int = 100
+    max_attachment_bytes: int = 25 * 1024 * 1024
+    """The content of all of one message's attachments together (the big providers' limit)."""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -64,6 +67,8 @@ class Limits:
             max_recipients=settings.max_recipients,
             max_subject_length=settings.max_subject_length,
             max_body_bytes=settings.max_body_bytes,
+            max_attachments=settings.max_attachments,
+            max_attachment_bytes=settings.max_attachment_bytes,
         )
 
 

@@ -28,6 +28,7 @@ from mailqd.models import (
     Status,
 )
 from mailqd.store import rows
+from mailqd.store.attachments import AttachmentStore
 from mailqd.store.database import Database
 from mailqd.store.relay_tables import email_recipients as er
 from mailqd.store.schema import add_seconds
@@ -203,11 +204,12 @@ class OperatorChanges:
         now: datetime | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> int:
-        """Delete finished jobs (their attempts and recipient results too) last updated before
-        the cutoff.
+        """Delete finished jobs (their attempts, recipient results and attachments too) last
+        updated before the cutoff, then the attachment content no job refers to any more.
 
         Each batch is its own short transaction, so claims never wait on a
-        long delete (`Dialect.delete_batch`, `Dialect.pause_after_batch`).
+        long delete (`Dialect.delete_batch`, `Dialect.pause_after_batch`);
+        the content goes in batches too (`AttachmentStore.purge_orphan_blobs`).
         Returns the number of jobs deleted.
         """
         cutoff = _finished_before(older_than_days, now)
@@ -218,6 +220,7 @@ class OperatorChanges:
             with self._db.begin() as conn:
                 deleted = dialect.delete_batch(conn, cutoff, batch_size)
             if not deleted:
+                AttachmentStore(self._db).purge_orphan_blobs(batch_size)
                 return total
             total += deleted
             if on_batch is not None:

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from mailqd.store import completion
+from mailqd.store.attachment_tables import email_attachments as ea
 from mailqd.store.completion import Completion
 from mailqd.store.relay_tables import email_recipients as er
 from mailqd.store.schema import NOTIFY_CHANNEL, add_seconds, seconds_between
@@ -82,8 +83,9 @@ class Dialect(ABC):
 
     @abstractmethod
     def delete_batch(self, conn: sa.Connection, cutoff: sa.ColumnElement[bool], size: int) -> int:
-        """Delete up to `size` jobs matching `cutoff`, their attempts and recipient results;
-        returns how many jobs."""
+        """Delete up to `size` jobs matching `cutoff`, their attempts, recipient results and
+        attachment rows (not the blobs: `AttachmentStore.purge_orphan_blobs`); returns how
+        many jobs."""
 
     def pause_after_batch(self, batch_seconds: float) -> float:
         """Seconds a batched cleanup leaves the database alone between batches."""
@@ -158,7 +160,12 @@ class PostgresDialect(Dialect):
         gone = q.delete().where(q.c.id.in_(sa.select(picked.c.id))).returning(q.c.id).cte("gone")
         gone_attempts = a.delete().where(a.c.job_id.in_(sa.select(gone.c.id))).cte("gone_attempts")
         gone_results = er.delete().where(er.c.job_id.in_(sa.select(gone.c.id))).cte("gone_results")
-        count = sa.select(sa.func.count()).select_from(gone).add_cte(gone_attempts, gone_results)
+        gone_files = ea.delete().where(ea.c.job_id.in_(sa.select(gone.c.id))).cte("gone_files")
+        count = (
+            sa.select(sa.func.count())
+            .select_from(gone)
+            .add_cte(gone_attempts, gone_results, gone_files)
+        )
         return int(conn.execute(count).scalar_one())
 
 
@@ -210,11 +217,12 @@ class SqliteDialect(Dialect):
         return changed
 
     def delete_batch(self, conn: sa.Connection, cutoff: sa.ColumnElement[bool], size: int) -> int:
-        """The ids first, then two DELETEs: SQLite has no DML in CTEs."""
+        """The ids first, then a DELETE per table: SQLite has no DML in CTEs."""
         ids = list(conn.execute(_doomed(cutoff, size)).scalars())
         if ids:
             conn.execute(a.delete().where(a.c.job_id.in_(ids)))
             conn.execute(er.delete().where(er.c.job_id.in_(ids)))
+            conn.execute(ea.delete().where(ea.c.job_id.in_(ids)))
             conn.execute(q.delete().where(q.c.id.in_(ids)))
         return len(ids)
 

@@ -12,6 +12,15 @@ module sets up can:
   and reading back the id of an already queued key need them, and so does
   `INSERT ... RETURNING id`;
 
+- INSERT into `mailqd_blobs` and `email_attachments`, every column, and
+  read neither: the blob insert is `ON CONFLICT DO NOTHING` without a
+  conflict target, which needs no SELECT (naming `(sha256)` would), and the
+  foreign key from an attachment to its blob is checked with the tables'
+  owner's rights. Not even the hashes are readable: they would tell
+  whether a guessed file is stored. On PostgreSQL a CHECK keeps each
+  blob's key the SHA-256 of its content, so the role cannot file other
+  bytes under the hash of a file someone else will attach;
+
 and nothing else: no other column of `email_queue`, no UPDATE or DELETE,
 nothing on `email_attempts`, `email_templates` or any other mailqd table.
 The NOTIFY trigger works for it (trigger functions and `pg_notify` need no
@@ -31,16 +40,26 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
 from mailqd.errors import StoreError
+from mailqd.store.attachment_tables import blobs, email_attachments
 from mailqd.store.dialects import dialect_for
 from mailqd.store.enqueue import _COLUMNS, _SEND_AFTER
 
-__all__ = ["ENQUEUE_COLUMNS", "READABLE_COLUMNS", "enqueue_role_sql", "grant_enqueue_role"]
+__all__ = [
+    "ATTACHMENT_TABLES",
+    "ENQUEUE_COLUMNS",
+    "READABLE_COLUMNS",
+    "enqueue_role_sql",
+    "grant_enqueue_role",
+]
 
 ENQUEUE_COLUMNS: tuple[str, ...] = (*_COLUMNS, _SEND_AFTER[0])
 """The columns of `email_queue` the role may write: exactly those the client writes."""
 
 READABLE_COLUMNS = ("id", "idempotency_key")
 """The columns the role may read: what ON CONFLICT and reading back a known key's id need."""
+
+ATTACHMENT_TABLES: tuple[sa.Table, ...] = (blobs, email_attachments)
+"""Tables the role may INSERT every column of (blobs first: attachments refer to them)."""
 
 _PREPARER = postgresql.dialect().identifier_preparer  # type: ignore[no-untyped-call]
 
@@ -61,6 +80,10 @@ def enqueue_role_sql(role: str, *, create: bool = False, schema: str = "public")
         f"GRANT USAGE ON SCHEMA {where} TO {who}",
         f"GRANT INSERT ({', '.join(ENQUEUE_COLUMNS)}) ON {table} TO {who}",
         f"GRANT SELECT ({', '.join(READABLE_COLUMNS)}) ON {table} TO {who}",
+    ]
+    statements += [
+        f"GRANT INSERT ({', '.join(c.name for c in t.columns)}) ON {where}.{t.name} TO {who}"
+        for t in ATTACHMENT_TABLES
     ]
     return statements
 

@@ -403,5 +403,7 @@ recipient_counts = sa.Table(
 )
 
 # The relay layer's tables (relay health, relays, per-recipient results, audit)
-# are defined in their own module, on this metadata.
+# and the attachment tables (blobs, email_attachments) are defined in their
+# own modules, on this metadata.
+from mailqd.store import attachment_tables as _attachment_tables  # noqa: E402, F401
 from mailqd.store import relay_tables as _relay_tables  # noqa: E402, F401

@@ -10,6 +10,7 @@ store that owns that role, reachable directly too:
 - `store.relay_health` (`mailqd.store.relay_health`): the relays' circuit breakers;
 - `store.relay_registry` (`mailqd.store.relay_registry`): relays kept in the database;
 - `store.audit` (`mailqd.store.audit`): the audit trail;
+- `store.attachments` (`mailqd.store.attachments`): jobs' attachments, and their cleanup;
 - `store.templates` (`mailqd.store.templates`), and `RateLimits(store)`
   (`mailqd.store.ratelimit`) for the token buckets;
 - enqueueing is `mailqd.store.enqueue`, screening `mailqd.store.screening`.
@@ -30,6 +31,7 @@ import sqlalchemy as sa
 
 from mailqd.models import Attempt, Job, NewJob, QueueCounts, QueueStats, RecipientResult
 from mailqd.store import screening
+from mailqd.store.attachments import AttachmentStore
 from mailqd.store.audit import AuditLog
 from mailqd.store.changes import CLEANUP_BATCH, OperatorChanges
 from mailqd.store.completion import Completion
@@ -73,6 +75,8 @@ class Store:
         """Relays kept in the database (`mailqctl relays`), passwords sealed."""
         self.audit = AuditLog(self.database)
         """Who changed what (`mailqctl audit`)."""
+        self.attachments = AttachmentStore(self.database)
+        """Jobs' attachments (`for_job`, `for_jobs`, `describe`) and `purge_orphan_blobs`."""
 
     @classmethod
     def from_url(cls, url: str, **engine_kwargs: Any) -> Store:
