@@ -173,7 +173,12 @@ class SmtpServer:
         self.data_received += 1
 
     def _connection_number(self, server: SMTP) -> int:
+        """The connection's number; one that came in while `start` forgot the controller's
+        own probe connection (a client already waiting for the server) is counted now."""
         with self._changed:
+            if server not in self._servers:
+                self.connections += 1
+                self._servers[server] = self.connections
             return self._servers[server]
 
     def _authenticate(
