@@ -450,12 +450,6 @@ def test_an_idempotency_key_through_a_database_url_queues_one_job(
     assert [j.idempotency_key for j in jobs(queue)] == ["digest-2026-12-02"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store bug: PsycopgWriter.fetch (src/mailqd/store/enqueue.py) sends the key lookup's "
-    "IN clause unexpanded ('__[POSTCOMPILE_...]'), so an idempotency key fails on any raw "
-    "psycopg connection=; compile with compile_kwargs={'render_postcompile': True}",
-)
 def test_an_idempotency_key_through_djangos_connection_queues_one_job(queue: Store) -> None:
     assert send_twice_with_one_key() == [1, 1]
     assert [j.idempotency_key for j in jobs(queue)] == ["digest-2026-12-02"]

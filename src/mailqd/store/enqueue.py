@@ -222,7 +222,9 @@ class PsycopgWriter:
             cursor.executemany(str(compiled), rows)
 
     def fetch(self, stmt: sa.Select[Any]) -> list[Any]:
-        compiled = stmt.compile(dialect=self._dialect)
+        # "expanding" IN parameters (the idempotency keys' lookup) rendered into the text,
+        # as SQLAlchemy does at execution time; psycopg would see `__[POSTCOMPILE_...]`.
+        compiled = stmt.compile(dialect=self._dialect, compile_kwargs={"render_postcompile": True})
         with self._raw.cursor() as cursor:
             cursor.execute(str(compiled), compiled.construct_params())
             return list(cursor.fetchall())
