@@ -120,6 +120,9 @@ class RelayBoard:
 
     # -- the routed transport's gate ----------------------------------------------------
 
+    def is_clean(self, relay: str) -> bool:
+        return self._states[relay].clean and relay not in self._limiters
+
     async def admit(self, relay: str) -> bool:
         state = self._states[relay]
         if state.up:

@@ -57,6 +57,10 @@ class RelayGate(Protocol):
         """Seconds until one of `relays` may be tried again (its next probe)."""
         ...
 
+    def is_clean(self, relay: str) -> bool:
+        """Up with no failure counted and no rate limit: nothing to ask or report."""
+        ...
+
 
 class RoutedTransport:
     """One delivery slot's sends, by route and failover; one transport (connection) per relay."""
@@ -76,6 +80,9 @@ class RoutedTransport:
         self._transports: dict[str, Transport] = {}
         self._current: Transport | None = None
         self._part_accepted = False
+        only = plan.default_route.relays
+        self._only = only[0] if plan.single and len(only) == 1 and not self._caps else None
+        """The one relay of a one-relay plan: sends go straight to it while it is clean."""
 
     @property
     def content_sent(self) -> bool | None:
@@ -95,6 +102,8 @@ class RoutedTransport:
         if not message.recipients:
             raise PermanentDeliveryError("the message has no envelope recipients")
         self._current, self._part_accepted = None, False
+        if self._only is not None and self._gate.is_clean(self._only):
+            return await self._send_only(self._only, message)
         if self._plan.single:
             return await self._send_route(self._plan.default_route, message)
         groups = self._plan.split(message.recipients, message.sender)
@@ -128,6 +137,17 @@ class RoutedTransport:
             await self._gate.succeeded(relay)
             return dataclasses.replace(result, relay=relay)
         raise self._route_down(route, last if tried else None)
+
+    async def _send_only(self, relay: str, message: OutgoingMessage) -> SendResult:
+        """The common case, at the cost of a plain send: one relay, up, nothing to count."""
+        try:
+            result = await self._send_via(relay, message)
+        except RelayUnavailableError as exc:
+            exc.relay = relay
+            await self._gate.failed(relay, exc)
+            exc.retry_after = self._gate.retry_after((relay,))
+            raise
+        return dataclasses.replace(result, relay=relay) if result.refused else result
 
     async def _send_via(self, relay: str, message: OutgoingMessage) -> SendResult:
         cap = self._caps.get(relay)
