@@ -34,6 +34,12 @@ relay. The default, one relay (`smtp_url`, recipients `@example.com`), is
 the run older figures were taken with. The sink alone is measured on the
 first sink only.
 
+`--profile` attaches `py-spy record` (the `bench` extra) to every worker
+during the live and the backlog runs and prints where the workers' CPU went
+per message: bench/coldprofile.py's buckets, then the mailqd functions
+found on most samples (inclusive, so they overlap). py-spy costs the
+workers CPU; a profiled run's rates are not the bench's figures.
+
 Without `--database-url` the bench creates a throwaway database on the server
 the test suite uses (tests/pg.py: MAILQD_TEST_PG_URL, else 127.0.0.1:5432,
 else a cluster of its own) and drops it at the end. A given database must be
@@ -57,6 +63,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +72,7 @@ from typing import Any, Protocol
 import psycopg
 
 from benchdb import add_database_url_option, run_bench
+from coldprofile import WAITING, Profiler, Split, bucket_of
 from mailqd import Client
 from mailqd.store import Store, upgrade
 from rawsmtp import raw_smtp_rate
@@ -655,6 +663,8 @@ class Throughput:
     sink_received: int | None = None
     per_sink: dict[str, int] = field(default_factory=dict)  # with several relays
     cpu: dict[str, float] = field(default_factory=dict)
+    profile: Split | None = None  # --profile
+    profile_dir: Path | None = None
 
     @property
     def rate(self) -> float:
@@ -697,16 +707,24 @@ class Received:
 
 
 def measure_live(
-    queue: Queue, client: Client, daemon: Daemon, sinks: Sequence[Sink], n: int
+    queue: Queue,
+    client: Client,
+    daemon: Daemon,
+    sinks: Sequence[Sink],
+    n: int,
+    profiler: Profiler | None = None,
 ) -> Throughput:
     """The daemon idles; N messages are enqueued in batches; timed until all are delivered."""
     received = Received(sinks)
     meter = CpuMeter(queue, daemon, sinks)
     meter.start()
+    if profiler is not None:
+        profiler.start(daemon.worker_pids)
     started = time.perf_counter()
     enqueue(client, n, "live")
     enqueued = time.perf_counter()
     done = wait_drained(queue, daemon)
+    split = profiler.stop() if profiler is not None else None
     cpu = meter.stop()
     first, last = queue.sent_span()
     total, per_sink = received.since()
@@ -720,11 +738,18 @@ def measure_live(
         sink_received=total,
         per_sink=per_sink,
         cpu=cpu,
+        profile=split,
+        profile_dir=None if profiler is None else profiler.workdir,
     )
 
 
 def measure_backlog(
-    queue: Queue, client: Client, daemon: Daemon, sinks: Sequence[Sink], n: int
+    queue: Queue,
+    client: Client,
+    daemon: Daemon,
+    sinks: Sequence[Sink],
+    n: int,
+    profiler: Profiler | None = None,
 ) -> tuple[Throughput, float]:
     """N messages queued with the daemon stopped; timed from `mailqd`'s start."""
     enqueue(client, n, "backlog")
@@ -732,7 +757,10 @@ def measure_backlog(
     meter = CpuMeter(queue, daemon, sinks)
     meter.start()  # before the daemon: its processes count from zero
     started = daemon.start()
+    if profiler is not None:
+        profiler.start(daemon.worker_pids)
     done = wait_drained(queue, daemon)
+    split = profiler.stop() if profiler is not None else None
     cpu = meter.stop()
     first, last = queue.sent_span()
     total, per_sink = received.since()
@@ -746,6 +774,8 @@ def measure_backlog(
         sink_received=total,
         per_sink=per_sink,
         cpu=cpu,
+        profile=split,
+        profile_dir=None if profiler is None else profiler.workdir,
     )
     return result, startup
 
@@ -813,6 +843,46 @@ def print_throughput(result: Throughput) -> None:
         print(f"    sink received            {result.sink_received:>10,} msg")
     for name, count in result.per_sink.items():
         print(f"      of which {name:<15} {count:>10,} msg")
+
+
+def print_profile(result: Throughput, top: int = 25) -> None:
+    """The buckets of bench/coldprofile.py, then the mailqd functions on most samples."""
+    if result.profile is None or result.profile_dir is None:
+        return
+    workers = result.cpu.get("workers", 0.0)
+    print("    profile (py-spy), worker CPU by bucket:")
+    result.profile.print(workers, result.messages, top=5)
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for raw in sorted(result.profile_dir.glob("py-spy-*.txt")):
+        for line in raw.read_text(errors="replace").splitlines():
+            stack_text, _, count = line.rpartition(" ")
+            if not stack_text or not count.isdigit():
+                continue
+            stack = stack_text.split(";")
+            if bucket_of(stack)[0] == WAITING:
+                continue
+            total += int(count)
+            names = {f"{m['file']}:{m['function']}" for f in stack if (m := _FRAME.match(f))}
+            for name in names:
+                if "mailqd/" in name and not _ROOT_FRAMES.search(name):
+                    inclusive[name] += int(count)
+    if not total:
+        return
+    per_message = workers / result.messages * 1e6
+    print(f"    mailqd functions on most samples (inclusive, {total:,} samples):")
+    for name, count in inclusive.most_common(top):
+        share = count / total
+        short = name[name.index("mailqd/") :]
+        print(f"      {share * per_message:>6,.0f} us/msg  {share:6.1%}  {short[:100]}")
+
+
+# Frames on nearly every worker sample, between the process's start and the event loop.
+_ROOT_FRAMES = re.compile(
+    r"mailqd/(cli/|__main__|daemon/(supervisor|processes)\.py)"
+    r"|mailqd/daemon/worker\.py:(run_worker|_serve|Worker\.run)$"
+)
+_FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
 def print_latency(latency: Latency) -> None:
@@ -912,6 +982,20 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> None:
         f"{platform.python_version()}, {uses_uvloop()}; load average at start {load_average()}"
     )
     global _domains
+    profile_rate = 100
+    pyspy = None
+    if args.profile:
+        pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not os.access(pyspy, os.X_OK):
+            raise SystemExit("--profile needs py-spy: pip install -e '.[bench]'")
+
+    def profiler(phase: str) -> Profiler | None:
+        if pyspy is None:
+            return None
+        folder = workdir / f"profile-{phase}"
+        folder.mkdir()
+        return Profiler(pyspy, folder, profile_rate)
+
     if args.relays == 1:
         sinks = [Sink(workdir, force_python=args.python_sink)]
         config = None
@@ -957,8 +1041,9 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> None:
         client.enqueue_many([message(i, "warmup") for i in range(200)])  # connections, caches
         wait_drained(queue, daemon)
         queue.empty()
-        live = measure_live(queue, client, daemon, sinks, n)
+        live = measure_live(queue, client, daemon, sinks, n, profiler("live"))
         print_throughput(live)
+        print_profile(live)
 
         print(f"\n3. idle latency, {samples} messages one at a time")
         time.sleep(1.0)
@@ -969,9 +1054,10 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> None:
 
         if not args.no_backlog:
             queue.empty()
-            backlog, startup = measure_backlog(queue, client, daemon, sinks, n)
+            backlog, startup = measure_backlog(queue, client, daemon, sinks, n, profiler("backlog"))
             print()
             print_throughput(backlog)
+            print_profile(backlog)
             print(f"    first delivery after     {startup:>10.2f} s (process start, imports, fork)")
             daemon.stop()
             memory.merge(daemon.memory)
@@ -1007,6 +1093,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--python-sink", action="store_true", help="use aiosmtpd even if smtp-sink is installed"
     )
     parser.add_argument("--keep-log", action="store_true", help="keep the daemon's log file")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy on the workers (live and backlog)"
+    )
     args = parser.parse_args(argv)
     run_bench(run, args, "mailqd-bench-", args.keep_log)
 
