@@ -1,6 +1,7 @@
 """The whole daemon, end to end: throughput, idle latency, memory. Prints figures, asserts nothing.
 
-    .venv/bin/python bench/bench_daemon.py [--messages 20000] [--quick] [--database-url URL]
+    .venv/bin/python bench/bench_daemon.py [--messages 20000] [--quick] [--relays 1|2]
+        [--database-url URL]
 
 It runs the real `mailqd` command (supervisor + 3 forked workers) against
 PostgreSQL, delivering to a local SMTP sink, and measures:
@@ -25,6 +26,20 @@ would measure itself, not mailqd; it is used only as a fallback, with a
 warning. The sink alone is measured with Postfix's `smtp-source` when it is
 installed, else with a minimal asyncio client.
 
+`--relays 2` runs two sinks, on two ports, and gives mailqd two relays and
+two routes by a TOML file: recipients alternate between `@a.example` (route
+`a.example` -> relay `a`) and `@b.example` (the default route -> relay `b`),
+so each relay carries half of the mail; the sinks' counts are reported per
+relay. The default, one relay (`smtp_url`, recipients `@example.com`), is
+the run older figures were taken with. The sink alone is measured on the
+first sink only.
+
+`--profile` attaches `py-spy record` (the `bench` extra) to every worker
+during the live and the backlog runs and prints where the workers' CPU went
+per message: bench/coldprofile.py's buckets, then the mailqd functions
+found on most samples (inclusive, so they overlap). py-spy costs the
+workers CPU; a profiled run's rates are not the bench's figures.
+
 Without `--database-url` the bench creates a throwaway database on the server
 the test suite uses (tests/pg.py: MAILQD_TEST_PG_URL, else 127.0.0.1:5432,
 else a cluster of its own) and drops it at the end. A given database must be
@@ -48,6 +63,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +72,7 @@ from typing import Any, Protocol
 import psycopg
 
 from benchdb import add_database_url_option, run_bench
+from coldprofile import WAITING, Profiler, Split, bucket_of
 from mailqd import Client
 from mailqd.store import Store, upgrade
 from rawsmtp import raw_smtp_rate
@@ -110,11 +127,19 @@ def _corpus(chars: int = 64_000, seed: int = 2026) -> str:
 CORPUS = _corpus()
 
 
+# The recipients' domains, one relay each, with `--relays 2` (`relay_config`).
+RELAY_DOMAINS = ("a.example", "b.example")
+_domains: tuple[str, ...] = ("example.com",)
+
+
 def message(i: int, tag: str) -> dict[str, Any]:
-    """Message `i`: ~2 KB of prose-like text, a different window of the corpus each time."""
+    """Message `i`: ~2 KB of prose-like text, a different window of the corpus each time.
+
+    Its recipient's domain cycles through `_domains` (one domain unless `--relays 2`).
+    """
     start = (i * 7919) % (len(CORPUS) - BODY_CHARS)
     return {
-        "to": f"Customer {i} <customer{i}@example.com>",
+        "to": f"Customer {i} <customer{i}@{_domains[i % len(_domains)]}>",
         "subject": f"Your order #{i} ({tag}) has been received",
         "body": CORPUS[start : start + BODY_CHARS],
     }
@@ -208,12 +233,13 @@ asyncio.run(serve())
 class Sink:
     """A local SMTP server that accepts and discards everything, in its own process."""
 
-    def __init__(self, workdir: Path, force_python: bool = False) -> None:
+    def __init__(self, workdir: Path, force_python: bool = False, name: str = "sink") -> None:
         self.port = free_port()
         self.workdir = workdir
+        self.name = name
         self.program = None if force_python else find_program(SINK_CANDIDATES, "smtp-sink")
         self.kind = "smtp-sink (Postfix, C)" if self.program else "aiosmtpd (Python)"
-        self._counter_file = workdir / "sink-counters.txt"
+        self._counter_file = workdir / f"{name}-counters.txt"
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -330,9 +356,13 @@ class Queue:
             raise SystemExit("email_queue holds jobs; give the bench an empty database")
 
     def empty(self) -> None:
-        self.conn.execute("TRUNCATE email_queue, email_attempts")
-        self.conn.execute("VACUUM ANALYZE email_queue")
-        self.conn.execute("VACUUM ANALYZE email_attempts")
+        """Remove every job, its attempts and (since the relay layer) its per-recipient rows."""
+        tables = ["email_queue", "email_attempts"]
+        if self.scalar("SELECT to_regclass('email_recipients') IS NOT NULL"):
+            tables.append("email_recipients")  # absent before migration 0011
+        self.conn.execute("TRUNCATE " + ", ".join(tables))
+        for table in tables:
+            self.conn.execute(f"VACUUM ANALYZE {table}")
 
     def scalar(self, query: str, params: Sequence[Any] = ()) -> Any:
         row = self.conn.execute(query, params).fetchone()
@@ -574,8 +604,9 @@ class CpuMeter:
     `daemon` is `mailqd` or any other system under test (bench_coldstart.py).
     """
 
-    def __init__(self, queue: Queue, daemon: Processes, sink: Sink) -> None:
-        self.queue, self.daemon, self.sink = queue, daemon, sink
+    def __init__(self, queue: Queue, daemon: Processes, sink: Sink | Sequence[Sink]) -> None:
+        self.queue, self.daemon = queue, daemon
+        self.sinks = [sink] if isinstance(sink, Sink) else list(sink)
         self._start: dict[str, dict[int, float]] = {}
         self._seen: dict[str, dict[int, float]] = {}
         self._stopping = threading.Event()
@@ -590,7 +621,7 @@ class CpuMeter:
             "workers": cpu(self.daemon.worker_pids()),
             "postgres": cpu(self.queue.backend_pids(autovacuum=False)),
             "autovacuum": cpu(self.queue.backend_pids(autovacuum=True)),
-            "sink": cpu([self.sink.pid] if self.sink.pid else []),
+            "sink": cpu([s.pid for s in self.sinks if s.pid]),
         }
 
     def _note(self) -> None:
@@ -630,7 +661,10 @@ class Throughput:
     first_to_last: float | None = None  # by sent_at, the database's clock
     statuses: dict[str, int] = field(default_factory=dict)
     sink_received: int | None = None
+    per_sink: dict[str, int] = field(default_factory=dict)  # with several relays
     cpu: dict[str, float] = field(default_factory=dict)
+    profile: Split | None = None  # --profile
+    profile_dir: Path | None = None
 
     @property
     def rate(self) -> float:
@@ -655,18 +689,45 @@ def enqueue(client: Client, total: int, tag: str) -> None:
         )
 
 
-def measure_live(queue: Queue, client: Client, daemon: Daemon, sink: Sink, n: int) -> Throughput:
+class Received:
+    """What each sink has received since this was made (None for aiosmtpd, which keeps no count)."""
+
+    def __init__(self, sinks: Sequence[Sink]) -> None:
+        self.sinks = sinks
+        self.start = [s.received() for s in sinks]
+
+    def since(self) -> tuple[int | None, dict[str, int]]:
+        now = [s.received() for s in self.sinks]
+        per: dict[str, int] = {}
+        for sink, before, after in zip(self.sinks, self.start, now, strict=True):
+            if before is None or after is None:
+                return None, {}
+            per[sink.name] = after - before
+        return sum(per.values()), (per if len(per) > 1 else {})
+
+
+def measure_live(
+    queue: Queue,
+    client: Client,
+    daemon: Daemon,
+    sinks: Sequence[Sink],
+    n: int,
+    profiler: Profiler | None = None,
+) -> Throughput:
     """The daemon idles; N messages are enqueued in batches; timed until all are delivered."""
-    received = sink.received()
-    meter = CpuMeter(queue, daemon, sink)
+    received = Received(sinks)
+    meter = CpuMeter(queue, daemon, sinks)
     meter.start()
+    if profiler is not None:
+        profiler.start(daemon.worker_pids)
     started = time.perf_counter()
     enqueue(client, n, "live")
     enqueued = time.perf_counter()
     done = wait_drained(queue, daemon)
+    split = profiler.stop() if profiler is not None else None
     cpu = meter.stop()
     first, last = queue.sent_span()
-    now_received = sink.received()
+    total, per_sink = received.since()
     return Throughput(
         label="live (enqueue while running)",
         messages=n,
@@ -674,24 +735,35 @@ def measure_live(queue: Queue, client: Client, daemon: Daemon, sink: Sink, n: in
         enqueue_seconds=enqueued - started,
         first_to_last=last - first,
         statuses=queue.by_status(),
-        sink_received=None if received is None or now_received is None else now_received - received,
+        sink_received=total,
+        per_sink=per_sink,
         cpu=cpu,
+        profile=split,
+        profile_dir=None if profiler is None else profiler.workdir,
     )
 
 
 def measure_backlog(
-    queue: Queue, client: Client, daemon: Daemon, sink: Sink, n: int
+    queue: Queue,
+    client: Client,
+    daemon: Daemon,
+    sinks: Sequence[Sink],
+    n: int,
+    profiler: Profiler | None = None,
 ) -> tuple[Throughput, float]:
     """N messages queued with the daemon stopped; timed from `mailqd`'s start."""
     enqueue(client, n, "backlog")
-    received = sink.received()
-    meter = CpuMeter(queue, daemon, sink)
+    received = Received(sinks)
+    meter = CpuMeter(queue, daemon, sinks)
     meter.start()  # before the daemon: its processes count from zero
     started = daemon.start()
+    if profiler is not None:
+        profiler.start(daemon.worker_pids)
     done = wait_drained(queue, daemon)
+    split = profiler.stop() if profiler is not None else None
     cpu = meter.stop()
     first, last = queue.sent_span()
-    now_received = sink.received()
+    total, per_sink = received.since()
     startup = first - (time.time() - (time.perf_counter() - started))
     result = Throughput(
         label="backlog (queued, then start)",
@@ -699,8 +771,11 @@ def measure_backlog(
         seconds=done - started,
         first_to_last=last - first,
         statuses=queue.by_status(),
-        sink_received=None if received is None or now_received is None else now_received - received,
+        sink_received=total,
+        per_sink=per_sink,
         cpu=cpu,
+        profile=split,
+        profile_dir=None if profiler is None else profiler.workdir,
     )
     return result, startup
 
@@ -766,6 +841,48 @@ def print_throughput(result: Throughput) -> None:
     print(f"    final statuses           {result.statuses}")
     if result.sink_received is not None:
         print(f"    sink received            {result.sink_received:>10,} msg")
+    for name, count in result.per_sink.items():
+        print(f"      of which {name:<15} {count:>10,} msg")
+
+
+def print_profile(result: Throughput, top: int = 25) -> None:
+    """The buckets of bench/coldprofile.py, then the mailqd functions on most samples."""
+    if result.profile is None or result.profile_dir is None:
+        return
+    workers = result.cpu.get("workers", 0.0)
+    print("    profile (py-spy), worker CPU by bucket:")
+    result.profile.print(workers, result.messages, top=5)
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for raw in sorted(result.profile_dir.glob("py-spy-*.txt")):
+        for line in raw.read_text(errors="replace").splitlines():
+            stack_text, _, count = line.rpartition(" ")
+            if not stack_text or not count.isdigit():
+                continue
+            stack = stack_text.split(";")
+            if bucket_of(stack)[0] == WAITING:
+                continue
+            total += int(count)
+            names = {f"{m['file']}:{m['function']}" for f in stack if (m := _FRAME.match(f))}
+            for name in names:
+                if "mailqd/" in name and not _ROOT_FRAMES.search(name):
+                    inclusive[name] += int(count)
+    if not total:
+        return
+    per_message = workers / result.messages * 1e6
+    print(f"    mailqd functions on most samples (inclusive, {total:,} samples):")
+    for name, count in inclusive.most_common(top):
+        share = count / total
+        short = name[name.index("mailqd/") :]
+        print(f"      {share * per_message:>6,.0f} us/msg  {share:6.1%}  {short[:100]}")
+
+
+# Frames on nearly every worker sample, between the process's start and the event loop.
+_ROOT_FRAMES = re.compile(
+    r"mailqd/(cli/|__main__|daemon/(supervisor|processes)\.py)"
+    r"|mailqd/daemon/worker\.py:(run_worker|_serve|Worker\.run)$"
+)
+_FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
 def print_latency(latency: Latency) -> None:
@@ -811,12 +928,38 @@ def uses_uvloop() -> str:
 SENDER = "Shop <noreply@example.com>"
 
 
-def daemon_env(url: str, sink_port: int, workers: int, concurrency: int | None) -> dict[str, str]:
-    """The environment `mailqd` runs with in the benches: this one's, less any MAILQD_ setting."""
+def sink_url(port: int) -> str:
+    return f"smtp://127.0.0.1:{port}?starttls=off"
+
+
+def relay_config(sinks: Sequence[Sink], path: Path) -> Path:
+    """A TOML file with a relay per sink, named after it, and a route per `RELAY_DOMAINS` entry.
+
+    The last route is the default one (no `recipient_domains`).
+    """
+    lines: list[str] = []
+    for sink in sinks:
+        lines += [f"[relays.{sink.name}]", f'url = "{sink_url(sink.port)}"', ""]
+    for domain, sink in zip(RELAY_DOMAINS, sinks, strict=True):
+        lines.append("[[routes]]")
+        if sink is not sinks[-1]:
+            lines.append(f'recipient_domains = ["{domain}"]')
+        lines += [f'relays = ["{sink.name}"]', ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def daemon_env(
+    url: str, sink_port: int, workers: int, concurrency: int | None, config: Path | None = None
+) -> dict[str, str]:
+    """The environment `mailqd` runs with in the benches: this one's, less any MAILQD_ setting.
+
+    `config`, a TOML file (`relay_config`), whose relays replace `sink_port`'s `smtp_url`.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILQD_")}
     env.update(
         MAILQD_DATABASE_URL=url,
-        MAILQD_SMTP_URL=f"smtp://127.0.0.1:{sink_port}?starttls=off",
+        MAILQD_SMTP_URL=sink_url(sink_port),
         MAILQD_WORKERS=str(workers),
         MAILQD_LOG_LEVEL="warning",
         MAILQD_LOG_FORMAT="json",
@@ -825,6 +968,8 @@ def daemon_env(url: str, sink_port: int, workers: int, concurrency: int | None) 
     )
     if concurrency:
         env["MAILQD_CONCURRENCY"] = str(concurrency)
+    if config is not None:
+        env["MAILQD_CONFIG"] = str(config)
     return env
 
 
@@ -836,16 +981,50 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> None:
         f"machine: {os.cpu_count()} cores, {platform.python_implementation()} "
         f"{platform.python_version()}, {uses_uvloop()}; load average at start {load_average()}"
     )
-    sink = Sink(workdir, force_python=args.python_sink)
-    sink.start()
+    global _domains
+    profile_rate = 100
+    pyspy = None
+    if args.profile:
+        pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not os.access(pyspy, os.X_OK):
+            raise SystemExit("--profile needs py-spy: pip install -e '.[bench]'")
+
+    def profiler(phase: str) -> Profiler | None:
+        if pyspy is None:
+            return None
+        folder = workdir / f"profile-{phase}"
+        folder.mkdir()
+        return Profiler(pyspy, folder, profile_rate)
+
+    if args.relays == 1:
+        sinks = [Sink(workdir, force_python=args.python_sink)]
+        config = None
+    else:
+        sinks = [
+            Sink(workdir, force_python=args.python_sink, name=name)
+            for name in ("a", "b")[: args.relays]
+        ]
+        config = relay_config(sinks, workdir / "relays.toml")
+        _domains = RELAY_DOMAINS
+    sink = sinks[0]
+    for each in sinks:
+        each.start()
     queue = Queue(url)
     client = Client(url)
-    env = daemon_env(url, sink.port, args.workers, args.concurrency)
+    env = daemon_env(url, sink.port, args.workers, args.concurrency, config)
     daemon = Daemon(env, workdir / "mailqd.log", args.workers)
     memory = MemoryReport()
     try:
         queue.prepare()
-        print(f"sink: {sink.kind} on 127.0.0.1:{sink.port}")
+        for each in sinks:
+            print(f"sink {each.name}: {each.kind} on 127.0.0.1:{each.port}")
+        if config is None:
+            print("relays: 1 (smtp_url), recipients @example.com")
+        else:
+            print(
+                f"relays: {len(sinks)} ({config.name}: a route per domain), recipients"
+                f" alternately @{' and @'.join(RELAY_DOMAINS)}"
+            )
         print(
             f"daemon: mailqd, {args.workers} workers, concurrency "
             f"{args.concurrency or 'default'}, log level warning (json); log in {daemon.log_path}"
@@ -862,8 +1041,9 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> None:
         client.enqueue_many([message(i, "warmup") for i in range(200)])  # connections, caches
         wait_drained(queue, daemon)
         queue.empty()
-        live = measure_live(queue, client, daemon, sink, n)
+        live = measure_live(queue, client, daemon, sinks, n, profiler("live"))
         print_throughput(live)
+        print_profile(live)
 
         print(f"\n3. idle latency, {samples} messages one at a time")
         time.sleep(1.0)
@@ -874,9 +1054,10 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> None:
 
         if not args.no_backlog:
             queue.empty()
-            backlog, startup = measure_backlog(queue, client, daemon, sink, n)
+            backlog, startup = measure_backlog(queue, client, daemon, sinks, n, profiler("backlog"))
             print()
             print_throughput(backlog)
+            print_profile(backlog)
             print(f"    first delivery after     {startup:>10.2f} s (process start, imports, fork)")
             daemon.stop()
             memory.merge(daemon.memory)
@@ -888,7 +1069,8 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> None:
         daemon.kill()
         client.close()
         queue.close()
-        sink.stop()
+        for each in sinks:
+            each.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -901,9 +1083,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a small smoke run (~20 s)")
     parser.add_argument("--no-backlog", action="store_true", help="skip the backlog variant")
     parser.add_argument(
+        "--relays",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="1: smtp_url to one sink (default); 2: two sinks, two relays, a route each",
+    )
+    parser.add_argument(
         "--python-sink", action="store_true", help="use aiosmtpd even if smtp-sink is installed"
     )
     parser.add_argument("--keep-log", action="store_true", help="keep the daemon's log file")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy on the workers (live and backlog)"
+    )
     args = parser.parse_args(argv)
     run_bench(run, args, "mailqd-bench-", args.keep_log)
 
