@@ -14,12 +14,15 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 import structlog
 
+from mailqd import rules
+from mailqd.attachments import Attachment
 from mailqd.compose import OutgoingMessage, compose
 from mailqd.config import Settings
 from mailqd.daemon.retry import BackoffPolicy
@@ -76,6 +79,12 @@ class SettledRecipients(Protocol):
     def settled(self, job_id: str) -> frozenset[str]: ...
 
 
+class JobAttachments(Protocol):
+    """A job's attachments, content included (`Store.attachments.for_job`)."""
+
+    def for_job(self, job_id: str) -> list[Attachment]: ...
+
+
 class Deliverer:
     """Runs attempts for one worker (`owner`), by the settings' retry and composition rules.
 
@@ -84,6 +93,8 @@ class Deliverer:
     `runtime` gives the parts built once from the settings (backoff, limits,
     DKIM signer, render budget, and the secrets box unless `secrets` is
     given); without it they are built here, for a deliverer made in-process.
+    `attachments` is where a job's attachments are read (without it, jobs
+    are sent without them).
     """
 
     def __init__(
@@ -96,11 +107,13 @@ class Deliverer:
         secrets: SecretBox | None = None,
         runtime: Runtime | None = None,
         ledger: SettledRecipients | None = None,
+        attachments: JobAttachments | None = None,
     ):
         self._settings = settings
         self._owner = owner
         self._templates = templates
         self._ledger = ledger
+        self._attachments = attachments
         self._lifetime = timedelta(seconds=settings.queue_lifetime)
         if runtime is None:
             self._policy = policy or BackoffPolicy.from_settings(settings)
@@ -122,8 +135,8 @@ class Deliverer:
         if verdict is not None:
             return self._finish(attempt, verdict)
         try:
-            message = self._compose(await self._content(job))
-        except TransientDeliveryError as exc:  # the template could not be read now
+            message = await self._message(job)
+        except TransientDeliveryError as exc:  # the template or attachments could not be read
             return self._finish(attempt, self._after_error(attempt, exc, None))
         except ValidationError as exc:
             return self._finish(attempt, self._failed(attempt, f"cannot compose message: {exc}"))
@@ -273,7 +286,31 @@ class Deliverer:
             html=job.html if rendered.html is None else rendered.html,
         )
 
-    def _compose(self, job: Job) -> OutgoingMessage:
+    async def _message(self, job: Job) -> OutgoingMessage:
+        """The composed (and signed) message; the attachments are let go once it is built."""
+        content = await self._content(job)
+        return self._compose(content, await self._read_attachments(job))
+
+    async def _read_attachments(self, job: Job) -> Sequence[Attachment]:
+        """The job's attachments, read in a thread and checked again by the rules.
+
+        Checked again because a row inserted with plain SQL never went
+        through the client: one that breaks the rules (too large, too many,
+        a name with a path) fails the job, naming the field. A store that
+        cannot be read now retries the job. Only a job the claim says may
+        have attachments is looked up (`_may_have_attachments`).
+        """
+        if self._attachments is None or not _may_have_attachments(job):
+            return ()
+        try:
+            found = await asyncio.to_thread(self._attachments.for_job, job.id)
+        except StoreError as exc:
+            raise TransientDeliveryError(f"cannot read the attachments: {exc}") from None
+        if found:
+            _check_attachments(found, self._limits)
+        return found
+
+    def _compose(self, job: Job, attachments: Sequence[Attachment] = ()) -> OutgoingMessage:
         """Build the message; a row whose JSON columns hold the wrong types is refused here.
 
         The Message-ID is the job's own if it has one, else derived from the
@@ -285,7 +322,12 @@ class Deliverer:
             raise ValidationError(
                 "headers", f"must be a JSON object, not {type(job.headers).__name__}"
             )
-        message = compose(job, default_from=self._settings.from_address, limits=self._limits)
+        message = compose(
+            job,
+            default_from=self._settings.from_address,
+            limits=self._limits,
+            attachments=attachments,
+        )
         if self._signer is None:
             return message
         return dataclasses.replace(message, data=self._signer.sign(message.data))
@@ -426,6 +468,22 @@ class Deliverer:
     def _finish(self, attempt: _Attempt, completion: Completion) -> Completion:
         _log_attempt(attempt, completion)
         return completion
+
+
+def _may_have_attachments(job: Job) -> bool:
+    """Whether the claim says the job may have attachments; without a hint, it may.
+
+    Reads the claimed row's `has_attachments` when the store provides one,
+    so that mail without attachments pays no lookup.
+    """
+    return getattr(job, "has_attachments", None) is not False
+
+
+def _check_attachments(attachments: Sequence[Attachment], limits: Limits) -> None:
+    """`mailqd.rules.check_attachments`, the client's own check (once it is in the rules)."""
+    check = getattr(rules, "check_attachments", None)
+    if check is not None:
+        check(attachments, limits)
 
 
 def _describe_acceptance(result: SendResult) -> str | None:

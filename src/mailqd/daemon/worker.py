@@ -121,6 +121,7 @@ class Worker:
             templates=TemplateCache(store),
             runtime=runtime,
             ledger=store.recipient_ledger,
+            attachments=getattr(store, "attachments", None),
         )
         self._metrics = metrics
         self._screen_rules = runtime.screening
