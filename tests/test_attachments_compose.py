@@ -41,7 +41,7 @@ T = TypeVar("T")
 DEADLINE = 60.0
 
 HTML = '<p>Your invoice is attached.</p><p><img src="cid:logo@shop.example" alt="Shop"></p>'
-NON_ASCII_NAME = "Übersicht der Rechnungen für März – 2026 (größer als sechzig Zeichen).pdf"
+NON_ASCII_NAME = "Übersicht der Rechnungen für März 2026 請求書 (größer als sechzig Zeichen).pdf"
 
 
 class StandInAttachments:
