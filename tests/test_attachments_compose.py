@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import os
 import re
 import threading
@@ -23,14 +24,17 @@ from typing import Any, TypeVar
 import dkim
 import pytest
 
+from ctl_process import error_line, invoke, ok_json
 from mailqd.attachments import Attachment
+from mailqd.cli.enqueue import _parse_message
 from mailqd.compose import compose
 from mailqd.config import Settings
 from mailqd.daemon.delivery import Deliverer
 from mailqd.models import Job, Outcome
 from mailqd.signing import dns_record_value
-from mailqd.store import Completion
+from mailqd.store import Completion, Store
 from mailqd.transport import SmtpTransport, transport_from_url
+from mailqd.validation import build_job
 from smtp_server import SmtpServer, smtp_server_fixture
 from test_compose import make_job
 from test_dkim import DOMAIN, SELECTOR, dns_answering, write_key
@@ -251,3 +255,77 @@ def test_compose_holds_no_whole_message_copy_for_a_large_attachment() -> None:
     assert encoded < len(message.data) < encoded + 2_000
     part = message.data.split(b"base64\r\n\r\n")[1].split(b"\r\n--")[0]
     assert base64.b64decode(part) == content
+
+
+# -- mailqctl ------------------------------------------------------------------------
+
+STORAGE = "attachments" in inspect.signature(build_job).parameters
+needs_storage = pytest.mark.skipif(
+    not STORAGE, reason="waits on #12's attachment storage (build_job(attachments=...))"
+)
+
+
+def eml_with_attachments(pdf: bytes, logo: bytes) -> bytes:
+    """A message as a mail client writes it: text + html with an inline logo, and a PDF."""
+    message = EmailMessage()
+    message["To"] = "alice@example.com"
+    message["From"] = "shop@example.com"
+    message["Subject"] = "Your invoice"
+    message.set_content("Your invoice is attached.\n")
+    message.add_alternative(HTML, subtype="html")
+    html_part = message.get_payload()[1]  # type: ignore[index]
+    html_part.add_related(
+        logo, "image", "png", cid="<logo@shop.example>", filename="logo.png", disposition="inline"
+    )
+    message.add_attachment(pdf, "application", "pdf", filename=NON_ASCII_NAME)
+    return message.as_bytes()
+
+
+def test_an_eml_file_keeps_its_attachments_names_types_and_content_ids() -> None:
+    pdf, logo = b"%PDF-1.7\n" + os.urandom(20_000), os.urandom(3_000)
+    content = _parse_message(eml_with_attachments(pdf, logo))
+    assert content.body == "Your invoice is attached.\n"
+    assert content.html is not None and "cid:logo@shop.example" in content.html
+    by_name = {a.filename: a for a in content.attachments}
+    assert set(by_name) == {"logo.png", NON_ASCII_NAME}
+    assert (by_name["logo.png"].content, by_name["logo.png"].content_type) == (logo, "image/png")
+    assert by_name["logo.png"].inline and by_name["logo.png"].content_id == "logo@shop.example"
+    assert by_name[NON_ASCII_NAME].content == pdf
+    assert not by_name[NON_ASCII_NAME].inline
+
+
+@pytest.mark.skipif(STORAGE, reason="the storage is there: see the round-trip test")
+def test_before_attachment_storage_enqueue_refuses_rather_than_drops_them(
+    db_url: str, tmp_path: Path
+) -> None:
+    eml = tmp_path / "invoice.eml"
+    eml.write_bytes(eml_with_attachments(b"%PDF", b"png"))
+    result = invoke("enqueue", str(eml), db=db_url)
+    assert result.returncode != 0
+    assert error_line(result).startswith("mailqctl: attachments: ")
+
+
+@needs_storage
+def test_enqueue_attach_and_an_eml_round_trip_and_show_lists_them(
+    store: Store, db_url: str, tmp_path: Path
+) -> None:
+    pdf, logo = b"%PDF-1.7\n" + os.urandom(20_000), os.urandom(3_000)
+    eml = tmp_path / "invoice.eml"
+    eml.write_bytes(eml_with_attachments(pdf, logo))
+    extra = tmp_path / "terms.txt"
+    extra.write_bytes(b"Terms.\n")
+    result = invoke("enqueue", str(eml), "--attach", str(extra), "--json", db=db_url)
+    job_id = ok_json(result)["id"]
+
+    stored = {a.filename: a for a in store.attachments.for_job(job_id)}  # type: ignore[attr-defined]
+    assert stored[NON_ASCII_NAME].content == pdf
+    assert stored["logo.png"].content == logo and stored["logo.png"].inline
+    assert stored["terms.txt"].content == b"Terms.\n"
+    shown = ok_json(invoke("show", job_id, "--json", db=db_url))["attachments"]
+    assert {(a["filename"], a["size"], a["inline"]) for a in shown} == {
+        (NON_ASCII_NAME, len(pdf), False),
+        ("logo.png", len(logo), True),
+        ("terms.txt", 7, False),
+    }
+    text = invoke("show", job_id, db=db_url).stdout
+    assert "terms.txt" in text and "cid:logo@shop.example" in text
