@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import inspect
 import os
+import random
 import re
 import threading
 from collections.abc import Awaitable
@@ -23,8 +25,10 @@ from typing import Any, TypeVar
 
 import dkim
 import pytest
+from dkim.canonicalization import CanonicalizationPolicy
 
 from ctl_process import error_line, invoke, ok_json
+from mailqd import signing
 from mailqd.attachments import Attachment
 from mailqd.cli.enqueue import _parse_message
 from mailqd.compose import compose
@@ -329,3 +333,19 @@ def test_enqueue_attach_and_an_eml_round_trip_and_show_lists_them(
     }
     text = invoke("show", job_id, db=db_url).stdout
     assert "terms.txt" in text and "cid:logo@shop.example" in text
+
+
+def test_the_streamed_body_hash_is_dkimpys_relaxed_body_hash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Random bodies of spaces, tabs and line ends, read in 7-byte pieces to cross lines."""
+    monkeypatch.setattr(signing, "_BODY_CHUNK", 7)
+    relaxed = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+    pieces = [b"a", b" ", b"\t", b"\r\n", b"x", b"  \r\n", b"\r\n\r\n", b"\t \r\n"]
+    chooser = random.Random(12)
+    for _ in range(2000):
+        body = b"".join(chooser.choice(pieces) for _ in range(chooser.randint(0, 40)))
+        body = body if body.endswith(b"\r\n") else body + b"\r\n"  # as the transport sends it
+        message = b"From: a@example.com\r\nSubject: s\r\n\r\n" + body
+        expected = hashlib.sha256(relaxed.canonicalize_body(body)).digest()
+        assert signing.relaxed_body_hash(message, message.index(b"\r\n\r\n") + 2) == expected
