@@ -359,7 +359,7 @@ def _masked_text(text: str | None) -> str | None:
 @click.pass_obj
 @reports_errors
 def show(state: Context, job_id: str, out: Output) -> None:
-    """Every field of one job, its body, attachments, and attempt history (oldest first).
+    """Every field of one job, its body, and its attempt history (oldest first).
 
     Attachments are listed by name, type, size and whether they are inline
     (with their Content-ID); their content is not printed.
