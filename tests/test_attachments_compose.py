@@ -74,7 +74,11 @@ def run(coroutine: Awaitable[T]) -> T:
 
 
 def deliver(
-    server: SmtpServer, job: Job, attachments: list[Attachment], **settings: Any
+    server: SmtpServer,
+    job: Job,
+    attachments: list[Attachment],
+    described: dict[str, list[Any]] | None = None,
+    **settings: Any,
 ) -> tuple[Completion, StandInAttachments]:
     port = StandInAttachments({job.id: attachments})
     deliverer = Deliverer(
@@ -82,6 +86,8 @@ def deliver(
         "worker-test",
         attachments=port,
     )
+    if described is not None:
+        deliverer.expect_attachments(described)
     transport = transport_from_url(server.url(), timeout=10)
     assert isinstance(transport, SmtpTransport)
 
@@ -202,11 +208,21 @@ def test_an_attachment_that_cannot_be_written_safely_fails_the_job_naming_the_fi
 
 def test_a_job_without_attachments_is_sent_as_before(smtp_server: SmtpServer) -> None:
     job = make_job(html=HTML)
-    completion, _ = deliver(smtp_server, job, [])
+    completion, port = deliver(smtp_server, job, [])
     assert completion.outcome is Outcome.SENT, completion.error
+    assert port.asked == [job.id]  # not described by the claim: looked up
     assert smtp_server.wait_for_messages(1)[0].parsed().get_content_type() == (
         "multipart/alternative"
     )
+
+
+def test_a_job_the_claim_described_as_without_attachments_is_not_looked_up(
+    smtp_server: SmtpServer,
+) -> None:
+    job = make_job()
+    completion, port = deliver(smtp_server, job, [], described={job.id: []})
+    assert completion.outcome is Outcome.SENT, completion.error
+    assert port.asked == []
 
 
 def test_a_message_over_the_servers_size_fails_at_once_without_mail_from() -> None:

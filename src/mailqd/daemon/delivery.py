@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -54,6 +54,7 @@ __all__ = ["Deliverer", "SettledRecipients"]
 log = structlog.get_logger()
 
 _LOGGED_RECIPIENTS = 5
+_DESCRIBED_KEPT = 10_000
 _MEASURED = 1e-6
 """A delivery's `deferred` row always has a duration; the claim's (recipient cap) has 0."""
 
@@ -114,6 +115,7 @@ class Deliverer:
         self._templates = templates
         self._ledger = ledger
         self._attachments = attachments
+        self._described: dict[str, Sequence[object]] = {}
         self._lifetime = timedelta(seconds=settings.queue_lifetime)
         if runtime is None:
             self._policy = policy or BackoffPolicy.from_settings(settings)
@@ -165,6 +167,20 @@ class Deliverer:
         return self._finish(
             attempt, self._sent(attempt, result, message, message.recipients != full)
         )
+
+    def expect_attachments(self, described: Mapping[str, Sequence[object]]) -> None:
+        """What the claim learnt of its jobs' attachments (`Store.attachments.describe_jobs`).
+
+        Every claimed id maps to its attachments without content (`[]` for
+        none). A job described as having none is sent without a lookup; one
+        with some is checked on its description (sizes, count, names) before
+        its content is read. A job not described is looked up. Entries
+        are dropped as their jobs are delivered; those of jobs released
+        unsent are forgotten past `_DESCRIBED_KEPT` (they are looked up).
+        """
+        if len(self._described) > _DESCRIBED_KEPT:
+            self._described.clear()
+        self._described.update(described)
 
     def crashed(self, job: Job, exc: Exception) -> Completion:
         """The outcome for an attempt that died of a bug in mailqd itself.
@@ -297,11 +313,14 @@ class Deliverer:
         Checked again because a row inserted with plain SQL never went
         through the client: one that breaks the rules (too large, too many,
         a name with a path) fails the job, naming the field. A store that
-        cannot be read now retries the job. Only a job the claim says may
-        have attachments is looked up (`_may_have_attachments`).
+        cannot be read now retries the job. A job the claim described as
+        having none is not looked up (`expect_attachments`).
         """
-        if self._attachments is None or not _may_have_attachments(job):
+        described = self._described.pop(job.id, None)
+        if self._attachments is None or (described is not None and not described):
             return ()
+        if described is not None:
+            _check_attachments(described, self._limits)  # before reading megabytes
         try:
             found = await asyncio.to_thread(self._attachments.for_job, job.id)
         except StoreError as exc:
@@ -470,16 +489,7 @@ class Deliverer:
         return completion
 
 
-def _may_have_attachments(job: Job) -> bool:
-    """Whether the claim says the job may have attachments; without a hint, it may.
-
-    Reads the claimed row's `has_attachments` when the store provides one,
-    so that mail without attachments pays no lookup.
-    """
-    return getattr(job, "has_attachments", None) is not False
-
-
-def _check_attachments(attachments: Sequence[Attachment], limits: Limits) -> None:
+def _check_attachments(attachments: Sequence[object], limits: Limits) -> None:
     """`mailqd.rules.check_attachments`, the client's own check (once it is in the rules)."""
     check = getattr(rules, "check_attachments", None)
     if check is not None:
