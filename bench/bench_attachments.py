@@ -10,8 +10,11 @@ Prints:
   aiosmtpd). Each case runs in a fresh process; "before" is its RSS with
   the attachment already in memory, as the store hands it over;
 - compose msg/s for messages with a 100 KB attachment (compose + sign),
-  and, when the store offers `enqueue(..., attachments=...)`, bulk enqueue
-  msg/s of such messages into SQLite.
+  and DKIM signing times against dkimpy's own `dkim.sign`;
+- bulk enqueue msg/s of messages with a 100 KB attachment (each distinct),
+  into SQLite and PostgreSQL (`--database-url`, else a throwaway database);
+- what a job without attachments pays for the worker to learn that:
+  `for_job` in a thread for each job, or `describe_jobs` per claim batch.
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ import asyncio
 import multiprocessing
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from functools import partial
@@ -31,6 +32,7 @@ from typing import Any
 
 from bench_compose import make_job
 from bench_daemon import Sink
+from benchdb import add_database_url_option, bench_database
 from mailqd.attachments import Attachment
 from mailqd.compose import compose
 from mailqd.config import Settings
@@ -172,33 +174,68 @@ def sign_times(dkim_key: str) -> list[tuple[str, float, float]]:
     return rows
 
 
-def enqueue_rate(messages: int) -> float | None:
-    """Bulk enqueue msg/s of 100 KB-attachment messages into SQLite, if the client can."""
+def migrated(url: str) -> str:
+    from mailqd.store import upgrade
+    from mailqd.store.engine import make_engine
+
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return url
+
+
+def enqueue_rate(url: str, messages: int) -> float:
+    """Bulk enqueue msg/s (`Client.enqueue_many`) of messages with a distinct 100 KB attachment."""
     from mailqd import Client
 
-    with tempfile.TemporaryDirectory() as directory:
-        url = f"sqlite:///{directory}/bench.db"
-        subprocess.run(
-            [sys.executable, "-m", "mailqd.cli.ctl", "migrate"],
-            env={**os.environ, "MAILQD_DATABASE_URL": url},
-            check=True,
-            capture_output=True,
+    items = [
+        {
+            "to": f"user{n}@example.com",
+            "subject": "Invoice",
+            "body": "Attached.",
+            "attachments": [Attachment("invoice.pdf", os.urandom(100 * 1024))],
+        }
+        for n in range(messages)
+    ]
+    with Client(url) as client:
+        started = time.perf_counter()
+        for start in range(0, messages, 100):
+            client.enqueue_many(items[start : start + 100])
+        return messages / (time.perf_counter() - started)
+
+
+def lookup_costs(url: str, jobs: int = 640, batch: int = 32) -> tuple[float, float]:
+    """(us per job for `for_job` in a thread, us per job for `describe_jobs` per claim batch),
+    for jobs without attachments: what a job that has none pays for each way of asking."""
+    from mailqd import Client
+    from mailqd.store import Store
+
+    with Client(url) as client:
+        ids = client.enqueue_many(
+            [{"to": f"u{n}@example.com", "subject": "s", "body": "b"} for n in range(jobs)]
         )
-        with Client(url) as client:
-            if "attachments" not in client.enqueue.__code__.co_varnames:
-                return None
-            items = [
-                {
-                    "to": f"user{n}@example.com",
-                    "subject": "Invoice",
-                    "body": "Attached.",
-                    "attachments": [Attachment("invoice.pdf", os.urandom(100 * 1024))],
-                }
-                for n in range(messages)
-            ]
+    store = Store.from_url(url)
+    try:
+        port = store.attachments
+
+        async def per_job() -> float:
             started = time.perf_counter()
-            client.enqueue_many(items)
-            return messages / (time.perf_counter() - started)
+            for job_id in ids:
+                await asyncio.to_thread(port.for_job, job_id)
+            return (time.perf_counter() - started) / jobs * 1e6
+
+        async def per_batch() -> float:
+            started = time.perf_counter()
+            for start in range(0, jobs, batch):
+                await asyncio.to_thread(port.describe_jobs, ids[start : start + batch])
+            return (time.perf_counter() - started) / jobs * 1e6
+
+        asyncio.run(per_job())  # warm the connection pool and the statements
+        return min(asyncio.run(per_job()) for _ in range(3)), min(
+            asyncio.run(per_batch()) for _ in range(3)
+        )
+    finally:
+        store.close()
 
 
 def write_key(directory: str) -> str:
@@ -221,6 +258,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=20, help="attachment size for the memory case")
     parser.add_argument("--messages", type=int, default=300, help="messages for the rates")
+    add_database_url_option(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         sink = Sink(Path(directory))
@@ -247,11 +285,16 @@ def main() -> None:
                 print(f"DKIM sign, {label:18}: {ours:8.2f} ms (dkim.sign: {theirs:8.2f} ms)")
         finally:
             sink.stop()
-    rate = enqueue_rate(args.messages)
-    if rate is None:
-        print("bulk enqueue with attachments: the client has no attachments= yet (storage branch)")
-    else:
-        print(f"bulk enqueue, 100 KB attachment, SQLite: {rate:8.0f} msg/s")
+    with tempfile.TemporaryDirectory() as directory, bench_database(args.database_url) as pg_url:
+        for kind, url in (("SQLite", f"sqlite:///{directory}/bench.db"), ("PostgreSQL", pg_url)):
+            migrated(url)
+            rate = enqueue_rate(url, args.messages)
+            print(f"bulk enqueue, 100 KB attachment, {kind:10}: {rate:8.0f} msg/s")
+            one, batched = lookup_costs(url)
+            print(
+                f"a job without attachments, {kind:10}: for_job in a thread {one:6.0f} us a job; "
+                f"describe_jobs per batch of 32 {batched:6.0f} us a job"
+            )
 
 
 if __name__ == "__main__":

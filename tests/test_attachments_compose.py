@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import inspect
 import os
 import random
 import re
@@ -27,7 +26,7 @@ import dkim
 import pytest
 from dkim.canonicalization import CanonicalizationPolicy
 
-from ctl_process import error_line, invoke, ok_json
+from ctl_process import invoke, ok_json
 from mailqd import signing
 from mailqd.attachments import Attachment
 from mailqd.cli.enqueue import _parse_message
@@ -37,8 +36,8 @@ from mailqd.daemon.delivery import Deliverer
 from mailqd.models import Job, Outcome
 from mailqd.signing import dns_record_value
 from mailqd.store import Completion, Store
+from mailqd.store.attachments import AttachmentInfo
 from mailqd.transport import SmtpTransport, transport_from_url
-from mailqd.validation import build_job
 from smtp_server import SmtpServer, smtp_server_fixture
 from test_compose import make_job
 from test_dkim import DOMAIN, SELECTOR, dns_answering, write_key
@@ -194,6 +193,7 @@ def test_inline_parts_without_html_and_a_plain_text_body(smtp_server: SmtpServer
         (Attachment("a\r\nBcc: x@example.com.pdf", b"x"), "filename"),
         (Attachment("a.png", b"x", inline=True, content_id="x>\r\nBcc: y"), "content_id"),
         (Attachment("a.bin", "text, not bytes"), "content"),  # type: ignore[arg-type]
+        (Attachment("../../reports/2026.pdf", b"x"), "filename"),  # the rules' check only
     ],
 )
 def test_an_attachment_that_cannot_be_written_safely_fails_the_job_naming_the_field(
@@ -223,6 +223,19 @@ def test_a_job_the_claim_described_as_without_attachments_is_not_looked_up(
     completion, port = deliver(smtp_server, job, [], described={job.id: []})
     assert completion.outcome is Outcome.SENT, completion.error
     assert port.asked == []
+
+
+def test_a_job_described_over_the_attachment_limit_fails_before_its_content_is_read(
+    smtp_server: SmtpServer,
+) -> None:
+    job = make_job()
+    described = {job.id: [AttachmentInfo("big.bin", None, 2_000_000, False, None, "0" * 64)]}
+    completion, port = deliver(
+        smtp_server, job, [], described=described, max_attachment_bytes=1_000_000
+    )
+    assert completion.outcome is Outcome.FAILED
+    assert "max_attachment_bytes" in (completion.error or "")
+    assert port.asked == [] and smtp_server.connections == 0
 
 
 def test_a_message_over_the_servers_size_fails_at_once_without_mail_from() -> None:
@@ -279,11 +292,6 @@ def test_compose_holds_no_whole_message_copy_for_a_large_attachment() -> None:
 
 # -- mailqctl ------------------------------------------------------------------------
 
-STORAGE = "attachments" in inspect.signature(build_job).parameters
-needs_storage = pytest.mark.skipif(
-    not STORAGE, reason="waits on #12's attachment storage (build_job(attachments=...))"
-)
-
 
 def eml_with_attachments(pdf: bytes, logo: bytes) -> bytes:
     """A message as a mail client writes it: text + html with an inline logo, and a PDF."""
@@ -314,18 +322,6 @@ def test_an_eml_file_keeps_its_attachments_names_types_and_content_ids() -> None
     assert not by_name[NON_ASCII_NAME].inline
 
 
-@pytest.mark.skipif(STORAGE, reason="the storage is there: see the round-trip test")
-def test_before_attachment_storage_enqueue_refuses_rather_than_drops_them(
-    db_url: str, tmp_path: Path
-) -> None:
-    eml = tmp_path / "invoice.eml"
-    eml.write_bytes(eml_with_attachments(b"%PDF", b"png"))
-    result = invoke("enqueue", str(eml), db=db_url)
-    assert result.returncode != 0
-    assert error_line(result).startswith("mailqctl: attachments: ")
-
-
-@needs_storage
 def test_enqueue_attach_and_an_eml_round_trip_and_show_lists_them(
     store: Store, db_url: str, tmp_path: Path
 ) -> None:
@@ -337,7 +333,7 @@ def test_enqueue_attach_and_an_eml_round_trip_and_show_lists_them(
     result = invoke("enqueue", str(eml), "--attach", str(extra), "--json", db=db_url)
     job_id = ok_json(result)["id"]
 
-    stored = {a.filename: a for a in store.attachments.for_job(job_id)}  # type: ignore[attr-defined]
+    stored = {a.filename: a for a in store.attachments.for_job(job_id)}
     assert stored[NON_ASCII_NAME].content == pdf
     assert stored["logo.png"].content == logo and stored["logo.png"].inline
     assert stored["terms.txt"].content == b"Terms.\n"

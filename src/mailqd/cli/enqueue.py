@@ -10,7 +10,6 @@ same one-line error, and nothing is written.
 from __future__ import annotations
 
 import email.errors
-import inspect
 import mimetypes
 import re
 import sys
@@ -251,26 +250,11 @@ def enqueue(
         max_attempts=max_attempts,
         idempotency_key=idempotency_key,
         limits=Limits.from_settings(state.settings),
-        **_attachments_argument(attachments),
+        attachments=attachments,
     )
     box = load_secret_box(state.settings.secrets_key_file)
     job_id = state.store.enqueue(seal_variables(job, box))
     out.emit({"id": job_id}, lambda: job_id)
-
-
-def _attachments_argument(attachments: list[Attachment]) -> dict[str, Any]:
-    """`attachments=` for `build_job`, which takes it once attachments can be stored.
-
-    Until then (#12's storage), a message with attachments is refused
-    rather than queued without them.
-    """
-    if "attachments" in inspect.signature(build_job).parameters:
-        return {"attachments": attachments}
-    if attachments:
-        raise ValidationError(
-            "attachments", "this mailqd cannot store attachments yet (no attachment storage)"
-        )
-    return {}
 
 
 # -- RFC 5322 input ---------------------------------------------------------------

@@ -33,6 +33,7 @@ from mailqd.cli.output import (
 from mailqd.config import Settings
 from mailqd.models import Attempt, Job, QueueStats, RecipientResult, Status, WindowStats
 from mailqd.store import Store
+from mailqd.store.attachments import AttachmentInfo
 from mailqd.store.ratelimit import RateLimits
 
 SUBJECT_WIDTH = 40
@@ -374,7 +375,7 @@ def show(state: Context, job_id: str, out: Output) -> None:
     job = store.get(job_id)
     history = store.attempts(job_id)
     recipients = store.recipients(job_id)
-    attachments = _attachments_of(store, job.id)
+    attachments = store.attachments.describe(job.id)
     document = {
         "job": job_document(job),
         "attachments": [_attachment_document(info) for info in attachments],
@@ -387,20 +388,10 @@ def show(state: Context, job_id: str, out: Output) -> None:
     )
 
 
-def _attachments_of(store: Store, job_id: str) -> list[Any]:
-    """`Store.attachments.describe` (names, types, sizes; no content), where the store has it.
-
-    A store without attachment storage (before #12's) lists none.
-    """
-    attachments = getattr(store, "attachments", None)
-    describe = getattr(attachments, "describe", None)
-    return [] if describe is None else list(describe(job_id))
-
-
-def _attachment_document(info: Any) -> dict[str, Any]:
+def _attachment_document(info: AttachmentInfo) -> dict[str, Any]:
     return {
         "filename": info.filename,
-        "content_type": info.content_type,
+        "content_type": info.resolved_content_type,
         "size": info.size,
         "inline": info.inline,
         "content_id": info.content_id,
@@ -444,7 +435,7 @@ def _render_job(
     history: list[Attempt],
     default_max: int,
     recipients: list[RecipientResult],
-    attachments: Sequence[Any] = (),
+    attachments: Sequence[AttachmentInfo] = (),
 ) -> RenderableType:
     now = datetime.now(UTC)
     fields = [
@@ -471,7 +462,7 @@ def _render_job(
     return Group(*parts)
 
 
-def _render_attachments(attachments: Sequence[Any]) -> RenderableType:
+def _render_attachments(attachments: Sequence[AttachmentInfo]) -> RenderableType:
     rows = table("attachment", "type", "size", "inline", right=["size"])
     for info in attachments:
         inline = (
@@ -479,7 +470,7 @@ def _render_attachments(attachments: Sequence[Any]) -> RenderableType:
             if info.inline and info.content_id
             else ("yes" if info.inline else "no")
         )
-        rows.add_row(str(info.filename), str(info.content_type), _size(info.size), inline)
+        rows.add_row(info.filename, info.resolved_content_type, _size(info.size), inline)
     return rows
 
 

@@ -21,7 +21,6 @@ from typing import Protocol
 
 import structlog
 
-from mailqd import rules
 from mailqd.attachments import Attachment
 from mailqd.compose import OutgoingMessage, compose
 from mailqd.config import Settings
@@ -39,7 +38,7 @@ from mailqd.errors import (
 )
 from mailqd.logging import mask_address_list, mask_addresses_in
 from mailqd.models import Job, Outcome, RecipientResult, RecipientStatus
-from mailqd.rules import Limits
+from mailqd.rules import AttachmentLike, Limits, check_attachments
 from mailqd.rules.rows import check_claimed_row
 from mailqd.runtime import Runtime
 from mailqd.secrets import SecretBox, unseal_variables
@@ -115,7 +114,7 @@ class Deliverer:
         self._templates = templates
         self._ledger = ledger
         self._attachments = attachments
-        self._described: dict[str, Sequence[object]] = {}
+        self._described: dict[str, Sequence[AttachmentLike]] = {}
         self._lifetime = timedelta(seconds=settings.queue_lifetime)
         if runtime is None:
             self._policy = policy or BackoffPolicy.from_settings(settings)
@@ -168,7 +167,7 @@ class Deliverer:
             attempt, self._sent(attempt, result, message, message.recipients != full)
         )
 
-    def expect_attachments(self, described: Mapping[str, Sequence[object]]) -> None:
+    def expect_attachments(self, described: Mapping[str, Sequence[AttachmentLike]]) -> None:
         """What the claim learnt of its jobs' attachments (`Store.attachments.describe_jobs`).
 
         Every claimed id maps to its attachments without content (`[]` for
@@ -320,13 +319,13 @@ class Deliverer:
         if self._attachments is None or (described is not None and not described):
             return ()
         if described is not None:
-            _check_attachments(described, self._limits)  # before reading megabytes
+            check_attachments(described, self._limits)  # before reading megabytes
         try:
             found = await asyncio.to_thread(self._attachments.for_job, job.id)
         except StoreError as exc:
             raise TransientDeliveryError(f"cannot read the attachments: {exc}") from None
         if found:
-            _check_attachments(found, self._limits)
+            check_attachments(found, self._limits)
         return found
 
     def _compose(self, job: Job, attachments: Sequence[Attachment] = ()) -> OutgoingMessage:
@@ -487,13 +486,6 @@ class Deliverer:
     def _finish(self, attempt: _Attempt, completion: Completion) -> Completion:
         _log_attempt(attempt, completion)
         return completion
-
-
-def _check_attachments(attachments: Sequence[object], limits: Limits) -> None:
-    """`mailqd.rules.check_attachments`, the client's own check (once it is in the rules)."""
-    check = getattr(rules, "check_attachments", None)
-    if check is not None:
-        check(attachments, limits)
 
 
 def _describe_acceptance(result: SendResult) -> str | None:

@@ -121,7 +121,7 @@ class Worker:
             templates=TemplateCache(store),
             runtime=runtime,
             ledger=store.recipient_ledger,
-            attachments=getattr(store, "attachments", None),
+            attachments=getattr(store, "attachments", None),  # a stand-in store may have none
         )
         self._metrics = metrics
         self._screen_rules = runtime.screening
