@@ -17,7 +17,7 @@ import os
 import random
 import re
 import threading
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,19 +27,21 @@ import pytest
 from dkim.canonicalization import CanonicalizationPolicy
 
 from ctl_process import invoke, ok_json
-from mailqd import signing
+from daemon_process import DaemonPool
+from mailqd import Client, signing
 from mailqd.attachments import Attachment
 from mailqd.cli.enqueue import _parse_message
 from mailqd.compose import compose
 from mailqd.config import Settings
 from mailqd.daemon.delivery import Deliverer
-from mailqd.models import Job, Outcome
+from mailqd.models import Job, Outcome, Status
 from mailqd.signing import dns_record_value
 from mailqd.store import Completion, Store
 from mailqd.store.attachments import AttachmentInfo
 from mailqd.transport import SmtpTransport, transport_from_url
 from smtp_server import SmtpServer, smtp_server_fixture
 from test_compose import make_job
+from test_daemon_e2e import daemon_env, stop, wait_all
 from test_dkim import DOMAIN, SELECTOR, dns_answering, write_key
 
 __all__ = ["smtp_server_fixture"]
@@ -57,12 +59,28 @@ class StandInAttachments:
     def __init__(self, by_job: dict[str, list[Attachment]]) -> None:
         self.by_job = by_job
         self.asked: list[str] = []
+        self.described: list[list[str]] = []
         self.threads: list[str] = []
+
+    def describe_jobs(self, job_ids: Sequence[str]) -> dict[str, list[AttachmentInfo]]:
+        self.described.append(list(job_ids))
+        return {job_id: [describe(a) for a in self.by_job.get(job_id, [])] for job_id in job_ids}
 
     def for_job(self, job_id: str) -> list[Attachment]:
         self.asked.append(job_id)
         self.threads.append(threading.current_thread().name)
         return list(self.by_job.get(job_id, []))
+
+
+def describe(attachment: Attachment) -> AttachmentInfo:
+    return AttachmentInfo(
+        attachment.filename,
+        attachment.content_type,
+        attachment.size,
+        attachment.inline,
+        attachment.content_id,
+        hashlib.sha256(attachment.content).hexdigest(),
+    )
 
 
 def run(coroutine: Awaitable[T]) -> T:
@@ -76,21 +94,22 @@ def deliver(
     server: SmtpServer,
     job: Job,
     attachments: list[Attachment],
-    described: dict[str, list[Any]] | None = None,
+    claimed: bool = False,
     **settings: Any,
 ) -> tuple[Completion, StandInAttachments]:
+    """One attempt; `claimed`: as the worker does, the claim batch is described first."""
     port = StandInAttachments({job.id: attachments})
     deliverer = Deliverer(
         Settings().replace(from_address="shop@shop.example", **settings),
         "worker-test",
         attachments=port,
     )
-    if described is not None:
-        deliverer.expect_attachments(described)
     transport = transport_from_url(server.url(), timeout=10)
     assert isinstance(transport, SmtpTransport)
 
     async def once() -> Completion:
+        if claimed:
+            deliverer.describe_claimed([job.id])
         try:
             return await deliverer.deliver(job, transport)
         finally:
@@ -216,26 +235,32 @@ def test_a_job_without_attachments_is_sent_as_before(smtp_server: SmtpServer) ->
     )
 
 
-def test_a_job_the_claim_described_as_without_attachments_is_not_looked_up(
+def test_a_job_its_claim_batch_described_as_without_attachments_is_not_looked_up(
     smtp_server: SmtpServer,
 ) -> None:
     job = make_job()
-    completion, port = deliver(smtp_server, job, [], described={job.id: []})
+    completion, port = deliver(smtp_server, job, [], claimed=True)
     assert completion.outcome is Outcome.SENT, completion.error
-    assert port.asked == []
+    assert (port.described, port.asked) == ([[job.id]], [])
 
 
 def test_a_job_described_over_the_attachment_limit_fails_before_its_content_is_read(
     smtp_server: SmtpServer,
 ) -> None:
     job = make_job()
-    described = {job.id: [AttachmentInfo("big.bin", None, 2_000_000, False, None, "0" * 64)]}
-    completion, port = deliver(
-        smtp_server, job, [], described=described, max_attachment_bytes=1_000_000
-    )
+    big = [Attachment("big.bin", bytes(2_000_000))]
+    completion, port = deliver(smtp_server, job, big, claimed=True, max_attachment_bytes=1_000_000)
     assert completion.outcome is Outcome.FAILED
     assert "max_attachment_bytes" in (completion.error or "")
     assert port.asked == [] and smtp_server.connections == 0
+
+
+def test_described_attachments_are_read_and_sent(smtp_server: SmtpServer) -> None:
+    job = make_job(html=HTML)
+    completion, port = deliver(smtp_server, job, invoice_set(), claimed=True)
+    assert completion.outcome is Outcome.SENT, completion.error
+    assert (port.described, port.asked) == ([[job.id]], [job.id])
+    assert len(parts_with_names(smtp_server.wait_for_messages(1)[0].parsed())) == 4
 
 
 def test_a_message_over_the_servers_size_fails_at_once_without_mail_from() -> None:
@@ -361,3 +386,34 @@ def test_the_streamed_body_hash_is_dkimpys_relaxed_body_hash(
         message = b"From: a@example.com\r\nSubject: s\r\n\r\n" + body
         expected = hashlib.sha256(relaxed.canonicalize_body(body)).digest()
         assert signing.relaxed_body_hash(message, message.index(b"\r\n\r\n") + 2) == expected
+
+
+# -- the daemon ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_the_daemon_sends_enqueued_attachments_whole_beside_mail_without(
+    daemons: DaemonPool, db_url: str, store: Store, smtp_server: SmtpServer
+) -> None:
+    """Client to daemon to SMTP: the stored attachments arrive byte for byte, and the
+    jobs of the same batches without attachments arrive as before."""
+    attachments = invoice_set()
+    with Client(db_url) as client:
+        with_files = client.enqueue(
+            "alice@example.com", "Invoice", "Attached.", HTML, attachments=attachments
+        )
+        client.enqueue_many(
+            [{"to": f"u{n}@example.com", "subject": "Plain", "body": "Hi"} for n in range(20)]
+        )
+    daemon = daemons.mailqd(daemon_env(db_url, smtp_server))
+    wait_all(daemon, store, Status.SENT, 21, "21 messages sent")
+    stop(daemon)
+
+    received = [m.parsed() for m in smtp_server.wait_for_messages(21)]
+    [invoice] = [m for m in received if m["Subject"] == "Invoice"]
+    assert str(invoice["Message-ID"]).startswith(f"<{with_files}@")
+    by_name = parts_with_names(invoice)
+    for attachment in attachments:
+        assert by_name[attachment.filename].get_payload(decode=True) == attachment.content
+    plain = [m for m in received if m["Subject"] == "Plain"]
+    assert {m.get_content_type() for m in plain} == {"text/plain"}

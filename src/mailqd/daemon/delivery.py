@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -80,7 +80,9 @@ class SettledRecipients(Protocol):
 
 
 class JobAttachments(Protocol):
-    """A job's attachments, content included (`Store.attachments.for_job`)."""
+    """Jobs' attachments (`Store.attachments`): described without content, or read whole."""
+
+    def describe_jobs(self, job_ids: Sequence[str]) -> Mapping[str, Sequence[AttachmentLike]]: ...
 
     def for_job(self, job_id: str) -> list[Attachment]: ...
 
@@ -114,7 +116,7 @@ class Deliverer:
         self._templates = templates
         self._ledger = ledger
         self._attachments = attachments
-        self._described: dict[str, Sequence[AttachmentLike]] = {}
+        self._described: dict[str, asyncio.Future[Mapping[str, Sequence[AttachmentLike]]]] = {}
         self._lifetime = timedelta(seconds=settings.queue_lifetime)
         if runtime is None:
             self._policy = policy or BackoffPolicy.from_settings(settings)
@@ -167,19 +169,40 @@ class Deliverer:
             attempt, self._sent(attempt, result, message, message.recipients != full)
         )
 
-    def expect_attachments(self, described: Mapping[str, Sequence[AttachmentLike]]) -> None:
-        """What the claim learnt of its jobs' attachments (`Store.attachments.describe_jobs`).
+    def describe_claimed(self, job_ids: Sequence[str]) -> None:
+        """Start learning a claim batch's attachments: one `describe_jobs` for the batch.
 
-        Every claimed id maps to its attachments without content (`[]` for
-        none). A job described as having none is sent without a lookup; one
-        with some is checked on its description (sizes, count, names) before
-        its content is read. A job not described is looked up. Entries
-        are dropped as their jobs are delivered; those of jobs released
-        unsent are forgotten past `_DESCRIBED_KEPT` (they are looked up).
+        Called when a batch is claimed (`Worker._start`). Each job's attempt
+        then waits for that one answer: a job without attachments is sent
+        with no lookup of its own (one query a batch instead of one a job:
+        figures in docs/performance.md, "Attachments"), one with some is
+        checked on its description (sizes, count, names) before its
+        content is read. A job not described, or whose description could
+        not be read, is looked up with its content. Entries are dropped as
+        their jobs are delivered; those of jobs released unsent are
+        forgotten past `_DESCRIBED_KEPT`.
         """
+        if self._attachments is None or not job_ids:
+            return
         if len(self._described) > _DESCRIBED_KEPT:
             self._described.clear()
-        self._described.update(described)
+        lookup = asyncio.ensure_future(
+            asyncio.to_thread(self._attachments.describe_jobs, list(job_ids))
+        )
+        lookup.add_done_callback(_retrieve)
+        for job_id in job_ids:
+            self._described[job_id] = lookup
+
+    async def _description(self, job_id: str) -> Sequence[AttachmentLike] | None:
+        """The job's attachments as its claim batch described them; None if not known."""
+        lookup = self._described.pop(job_id, None)
+        if lookup is None:
+            return None
+        try:  # shielded: one attempt cancelled must not cancel its batch's lookup
+            described = await asyncio.shield(lookup)
+        except StoreError:
+            return None
+        return described.get(job_id)
 
     def crashed(self, job: Job, exc: Exception) -> Completion:
         """The outcome for an attempt that died of a bug in mailqd itself.
@@ -312,11 +335,13 @@ class Deliverer:
         Checked again because a row inserted with plain SQL never went
         through the client: one that breaks the rules (too large, too many,
         a name with a path) fails the job, naming the field. A store that
-        cannot be read now retries the job. A job the claim described as
-        having none is not looked up (`expect_attachments`).
+        cannot be read now retries the job. A job its claim batch described
+        as having none is not looked up (`describe_claimed`).
         """
-        described = self._described.pop(job.id, None)
-        if self._attachments is None or (described is not None and not described):
+        if self._attachments is None:
+            return ()
+        described = await self._description(job.id)
+        if described is not None and not described:
             return ()
         if described is not None:
             check_attachments(described, self._limits)  # before reading megabytes
@@ -486,6 +511,12 @@ class Deliverer:
     def _finish(self, attempt: _Attempt, completion: Completion) -> Completion:
         _log_attempt(attempt, completion)
         return completion
+
+
+def _retrieve(lookup: asyncio.Future[Any]) -> None:
+    """Mark a batch lookup's error as seen: its jobs fall back to their own lookup."""
+    if not lookup.cancelled():
+        lookup.exception()
 
 
 def _describe_acceptance(result: SendResult) -> str | None:

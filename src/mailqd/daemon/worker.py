@@ -339,6 +339,7 @@ class Worker:
             await self._listener.wait_connected()
 
     def _start(self, jobs: Sequence[Job]) -> list[asyncio.Task[Completion]]:
+        self._deliverer.describe_claimed([job.id for job in jobs])
         tasks = []
         for job in jobs:
             transport = WatchedTransport(self._slots.take())
