@@ -1,8 +1,10 @@
 """Build the RFC 5322 bytes of one job's message: the only place that makes MIME.
 
 The package by part: `headers` (addresses and header lines), `body`
-(text/plain or multipart/alternative, transfer encodings), `html_text` (the
-text alternative of an HTML-only message), `sanitize` (the one HTML rule).
+(text/plain or multipart/alternative, transfer encodings), `parts`
+(attachments: multipart/mixed and multipart/related, base64 parts, written
+into one buffer), `html_text` (the text alternative of an HTML-only
+message), `sanitize` (the one HTML rule).
 The message type itself is `mailqd.message.OutgoingMessage`, which the
 transports import without importing composition.
 

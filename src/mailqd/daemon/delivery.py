@@ -136,6 +136,7 @@ class Deliverer:
         attempt = self._begin(job)
         verdict = self._refuse_before_sending(attempt)
         if verdict is not None:
+            self._described.pop(job.id, None)
             return self._finish(attempt, verdict)
         try:
             message = await self._message(job)
