@@ -194,6 +194,28 @@ def test_base64_lines_are_at_most_76_characters_and_names_are_rfc2231_encoded(
     assert b'filename="Ubersicht der Rechnungen fur Marz' in data  # the ASCII fallback
 
 
+def test_a_large_attachment_is_composed_and_signed_whole(
+    smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    """Above a megabyte the message is built in a thread: the same bytes arrive, signed."""
+    key = write_key(tmp_path / "dkim.pem")
+    big = [Attachment("export.csv", os.urandom(3 * 1024 * 1024), "text/csv")]
+    completion, _ = deliver(
+        smtp_server,
+        make_job(from_address="shop@example.com"),
+        big,
+        dkim_domain=DOMAIN,
+        dkim_selector=SELECTOR,
+        dkim_key_file=str(key),
+    )
+    assert completion.outcome is Outcome.SENT, completion.error
+    received = smtp_server.wait_for_messages(1)[0]
+    assert parts_with_names(received.parsed())["export.csv"].get_payload(decode=True) == (
+        big[0].content
+    )
+    assert dkim.verify(received.data, dnsfunc=dns_answering(dns_record_value(key.read_bytes())))
+
+
 def test_inline_parts_without_html_and_a_plain_text_body(smtp_server: SmtpServer) -> None:
     attachments = [Attachment("chart.png", os.urandom(2_000), inline=True, content_id="c1")]
     completion, _ = deliver(smtp_server, make_job(body="See the chart.\n"), attachments)

@@ -54,6 +54,7 @@ log = structlog.get_logger()
 
 _LOGGED_RECIPIENTS = 5
 _DESCRIBED_KEPT = 10_000
+_COMPOSED_IN_THREAD = 1024 * 1024
 _MEASURED = 1e-6
 """A delivery's `deferred` row always has a duration; the claim's (recipient cap) has 0."""
 
@@ -326,9 +327,17 @@ class Deliverer:
         )
 
     async def _message(self, job: Job) -> OutgoingMessage:
-        """The composed (and signed) message; the attachments are let go once it is built."""
+        """The composed (and signed) message; the attachments are let go once it is built.
+
+        With more than `_COMPOSED_IN_THREAD` bytes of attachments, composing
+        and signing (some 10 ms a MB) run in a thread, so the worker's other
+        sends and its lease renewals are not held up while they do.
+        """
         content = await self._content(job)
-        return self._compose(content, await self._read_attachments(job))
+        attachments = await self._read_attachments(job)
+        if sum(len(a.content) for a in attachments) > _COMPOSED_IN_THREAD:
+            return await asyncio.to_thread(self._compose, content, attachments)
+        return self._compose(content, attachments)
 
     async def _read_attachments(self, job: Job) -> Sequence[Attachment]:
         """The job's attachments, read in a thread and checked again by the rules.
