@@ -75,6 +75,7 @@ class SmtpServer:
         port: int = 0,
         smtputf8: bool = True,
         pipelining: bool = True,
+        data_size_limit: int | None = None,
     ) -> None:
         self.host = "127.0.0.1"
         self.port = port  # 0: an ephemeral port; a fixed one lets a test "restart" a server
@@ -101,6 +102,8 @@ class SmtpServer:
             smtp_options.update(authenticator=self._authenticate, auth_require_tls=False)
         # Whether EHLO offers SMTPUTF8 (RFC 6531); aiosmtpd's Controller offers it by default.
         smtp_options["enable_SMTPUTF8"] = smtputf8
+        if data_size_limit is not None:  # what EHLO advertises as SIZE (aiosmtpd: 32 MiB)
+            smtp_options["data_size_limit"] = data_size_limit
         self._controller = _Controller(
             self, _Handler(self), ssl_context=implicit_tls_context, **smtp_options
         )

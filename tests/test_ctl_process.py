@@ -94,7 +94,7 @@ def test_every_command_as_a_subprocess(store: Store, db_url: str) -> None:
     }
     [listed] = ok_json(failed)["jobs"]
     assert (listed["id"], listed["to"]) == (failed_id, ["f***@example.com"])
-    assert set(ok_json(show)) == {"job", "recipients", "attempts"}
+    assert set(ok_json(show)) == {"job", "attachments", "recipients", "attempts"}
     assert ok_json(show)["job"]["id"] == flagged
     assert error_line(missing) == "mailqctl: no job with id no-such-id"
     assert top_once.returncode == 0 and "queue depth" in top_once.stdout

@@ -10,6 +10,7 @@ same one-line error, and nothing is written.
 from __future__ import annotations
 
 import email.errors
+import mimetypes
 import re
 import sys
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any
 
 import click
 
+from mailqd.attachments import Attachment
 from mailqd.cli.context import Context, json_option, reports_errors
 from mailqd.cli.output import Output
 from mailqd.errors import ValidationError
@@ -72,6 +74,33 @@ def _headers(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
     return result
 
 
+def _attach(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> Any:
+    """`--attach FILE`: the file as an attachment, its type guessed from the name."""
+    return [_read_attachment(Path(value), "--attach") for value in values]
+
+
+def _attach_inline(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> Any:
+    """`--attach-inline FILE=CID`: an inline part the HTML shows as `<img src="cid:CID">`."""
+    found = []
+    for item in values:
+        path, sep, content_id = item.rpartition("=")
+        if not sep or not path or not content_id.strip():
+            raise click.BadParameter(f"{item!r} is not FILE=CONTENT-ID", ctx, param)
+        found.append(
+            _read_attachment(Path(path), "--attach-inline", inline=True, content_id=content_id)
+        )
+    return found
+
+
+def _read_attachment(
+    path: Path, option: str, *, inline: bool = False, content_id: str | None = None
+) -> Attachment:
+    try:
+        return Attachment.from_path(path, inline=inline, content_id=content_id)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint=option) from None
+
+
 def _read_text(path: Path | None, option: str) -> str | None:
     if path is None:
         return None
@@ -97,6 +126,22 @@ def _read_text(path: Path | None, option: str) -> str | None:
 )
 @click.option(
     "--html-file", type=click.Path(dir_okay=False, path_type=Path), help="HTML body file."
+)
+@click.option(
+    "--attach",
+    "attached",
+    multiple=True,
+    metavar="FILE",
+    callback=_attach,
+    help="Attach a file (repeat for more).",
+)
+@click.option(
+    "--attach-inline",
+    "attached_inline",
+    multiple=True,
+    metavar="FILE=CID",
+    callback=_attach_inline,
+    help="Attach an inline image the HTML shows as cid:CID (repeat for more).",
 )
 @click.option("--template", "template_id", help="Template id, rendered when sent.")
 @click.option(
@@ -134,6 +179,8 @@ def enqueue(
     body: str | None,
     body_file: Path | None,
     html_file: Path | None,
+    attached: list[Attachment],
+    attached_inline: list[Attachment],
     template_id: str | None,
     variables: dict[str, str],
     headers: dict[str, str],
@@ -147,9 +194,11 @@ def enqueue(
     """Queue one message and print its job id.
 
     Give the message with flags, or as an RFC 5322 file (`-` for stdin):
-    its To, Cc, Bcc, From, Reply-To and Subject headers and its text/plain
-    and text/html parts are used (other headers are ignored, attachments
-    refused); flags given as well replace those headers. With --template,
+    its To, Cc, Bcc, From, Reply-To and Subject headers, its text/plain
+    and text/html parts, and its attachments and inline parts (with their
+    names, types and Content-IDs) are used; other headers are ignored;
+    flags given as well replace those headers, and --attach adds files to
+    the file's own attachments. With --template,
     the job carries the template id and the --var variables, and is
     rendered when it is sent (the variables encrypted when
     `secrets_key_file` is set).
@@ -159,6 +208,10 @@ def enqueue(
       $ mailqctl enqueue --to alice@example.com --subject Hi --body 'Hello Alice'
       3f0c7a52-5f5e-4a57-9b0e-2a4c1d2e8b91
       $ mailqctl enqueue --to bob@example.com --template welcome --var name=Bob --send-after 10m
+      $ mailqctl enqueue --to carol@example.com --subject Invoice --body 'Attached.' \\
+          --attach invoice.pdf --attach terms.pdf
+      $ mailqctl enqueue --to dan@example.com --subject News --html-file news.html \\
+          --attach-inline logo.png=logo
       $ mailqctl enqueue message.eml
       $ sendmail-style-app | mailqctl enqueue -
     """
@@ -178,6 +231,7 @@ def enqueue(
             body=body if body is not None else _read_text(body_file, "--body-file"),
             html=_read_text(html_file, "--html-file"),
         )
+    attachments = [*content.attachments, *attached, *attached_inline]
     job = build_job(
         list(to) or content.to,
         subject if subject is not None else content.subject,
@@ -196,6 +250,7 @@ def enqueue(
         max_attempts=max_attempts,
         idempotency_key=idempotency_key,
         limits=Limits.from_settings(state.settings),
+        attachments=attachments,
     )
     box = load_secret_box(state.settings.secrets_key_file)
     job_id = state.store.enqueue(seal_variables(job, box))
@@ -217,6 +272,7 @@ class _Content:
     subject: str = ""
     body: str | None = None
     html: str | None = None
+    attachments: list[Attachment] = field(default_factory=list)
 
 
 def _read_message(path: str) -> bytes:
@@ -238,7 +294,7 @@ def _parse_message(data: bytes) -> _Content:
     """
     message = BytesParser(policy=policy.default).parsebytes(data)
     assert isinstance(message, EmailMessage)
-    body, html = _text_parts(message)
+    body, html, attachments = _parts(message)
     subject = _header(message, "Subject")
     return _Content(
         to=_raw_headers(message, "To"),
@@ -249,6 +305,7 @@ def _parse_message(data: bytes) -> _Content:
         subject=subject or "",
         body=body,
         html=html,
+        attachments=attachments,
     )
 
 
@@ -283,21 +340,70 @@ def _one(values: list[str], name: str) -> str | None:
     return values[0] if values else None
 
 
-def _text_parts(message: EmailMessage) -> tuple[str | None, str | None]:
+def _parts(message: EmailMessage) -> tuple[str | None, str | None, list[Attachment]]:
+    """The text and html bodies, and every other leaf part as an `Attachment`.
+
+    A text/plain or text/html part is a body unless it is marked as an
+    attachment or has a file name (a second one of a kind is an attachment
+    too); every other part (images, PDFs, inline parts with a Content-ID)
+    keeps its bytes, name, type, disposition and Content-ID.
+    """
     found: dict[str, str] = {}
+    attachments: list[Attachment] = []
     for part in message.walk():
         if part.is_multipart():
             continue
         kind = part.get_content_type()
-        if part.get_content_disposition() == "attachment" or kind not in _TEXT_KINDS:
-            raise ValidationError("message", f"attachments are not supported ({kind})")
-        if kind in found:
-            raise ValidationError("message", f"more than one {kind} part")
-        try:
-            found[kind] = part.get_content()
-        except (LookupError, ValueError) as exc:
-            raise ValidationError("message", f"cannot decode the {kind} part: {exc}") from None
-    return found.get("text/plain"), found.get("text/html")
+        disposition = part.get_content_disposition()
+        filename = _filename(part)
+        if (
+            kind in _TEXT_KINDS
+            and kind not in found
+            and disposition != "attachment"
+            and filename is None
+        ):
+            found[kind] = _decoded_text(part, kind)
+            continue
+        attachments.append(_attachment(part, kind, disposition, filename, len(attachments)))
+    return found.get("text/plain"), found.get("text/html"), attachments
+
+
+def _decoded_text(part: EmailMessage, kind: str) -> str:
+    try:
+        content = part.get_content()
+    except (LookupError, ValueError) as exc:
+        raise ValidationError("message", f"cannot decode the {kind} part: {exc}") from None
+    if not isinstance(content, str):
+        raise ValidationError("message", f"cannot decode the {kind} part as text")
+    return content
+
+
+def _filename(part: EmailMessage) -> str | None:
+    try:
+        return part.get_filename()
+    except (email.errors.MessageError, ValueError, IndexError, TypeError) as exc:
+        raise ValidationError("attachments", f"cannot read a part's file name: {exc}") from None
+
+
+def _attachment(
+    part: EmailMessage, kind: str, disposition: str | None, filename: str | None, index: int
+) -> Attachment:
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        raise ValidationError("attachments", f"cannot decode the {kind} part")
+    content_id = part.get("Content-ID")
+    if content_id is not None:
+        content_id = str(content_id).strip().removeprefix("<").removesuffix(">") or None
+    if filename is None:
+        extension = mimetypes.guess_extension(kind, strict=False) or ".bin"
+        filename = f"part-{index + 1}{extension}"
+    return Attachment(
+        filename=filename,
+        content=payload,
+        content_type=kind,
+        inline=disposition == "inline" or (disposition is None and content_id is not None),
+        content_id=content_id,
+    )
 
 
 _TEXT_KINDS = ("text/plain", "text/html")

@@ -11,6 +11,7 @@ the message.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -32,6 +33,7 @@ from mailqd.cli.output import (
 from mailqd.config import Settings
 from mailqd.models import Attempt, Job, QueueStats, RecipientResult, Status, WindowStats
 from mailqd.store import Store
+from mailqd.store.attachments import AttachmentInfo
 from mailqd.store.ratelimit import RateLimits
 
 SUBJECT_WIDTH = 40
@@ -360,6 +362,9 @@ def _masked_text(text: str | None) -> str | None:
 def show(state: Context, job_id: str, out: Output) -> None:
     """Every field of one job, its body, and its attempt history (oldest first).
 
+    Attachments are listed by name, type, size and whether they are inline
+    (with their Content-ID); their content is not printed.
+
     Exits 1 when there is no job with that id.
 
     \b
@@ -370,12 +375,27 @@ def show(state: Context, job_id: str, out: Output) -> None:
     job = store.get(job_id)
     history = store.attempts(job_id)
     recipients = store.recipients(job_id)
+    attachments = store.attachments.describe(job.id)
     document = {
         "job": job_document(job),
+        "attachments": [_attachment_document(info) for info in attachments],
         "recipients": [_recipient_document(result) for result in recipients],
         "attempts": [_attempt_document(attempt) for attempt in history],
     }
-    out.emit(document, lambda: _render_job(job, history, state.settings.max_attempts, recipients))
+    out.emit(
+        document,
+        lambda: _render_job(job, history, state.settings.max_attempts, recipients, attachments),
+    )
+
+
+def _attachment_document(info: AttachmentInfo) -> dict[str, Any]:
+    return {
+        "filename": info.filename,
+        "content_type": info.resolved_content_type,
+        "size": info.size,
+        "inline": info.inline,
+        "content_id": info.content_id,
+    }
 
 
 def job_document(job: Job) -> dict[str, Any]:
@@ -411,7 +431,11 @@ _LONG_FIELDS = ("body", "html")
 
 
 def _render_job(
-    job: Job, history: list[Attempt], default_max: int, recipients: list[RecipientResult]
+    job: Job,
+    history: list[Attempt],
+    default_max: int,
+    recipients: list[RecipientResult],
+    attachments: Sequence[AttachmentInfo] = (),
 ) -> RenderableType:
     now = datetime.now(UTC)
     fields = [
@@ -430,10 +454,33 @@ def _render_job(
         parts += ["", f"--- {name} ---" if value is not None else f"--- no {name} ---"]
         if value is not None:
             parts.append(value)
+    if attachments:
+        parts += ["", _render_attachments(attachments)]
     if recipients:
         parts += ["", _render_recipients(recipients)]
     parts += ["", _render_attempts(history)]
     return Group(*parts)
+
+
+def _render_attachments(attachments: Sequence[AttachmentInfo]) -> RenderableType:
+    rows = table("attachment", "type", "size", "inline", right=["size"])
+    for info in attachments:
+        inline = (
+            f"yes, cid:{info.content_id}"
+            if info.inline and info.content_id
+            else ("yes" if info.inline else "no")
+        )
+        rows.add_row(info.filename, info.resolved_content_type, _size(info.size), inline)
+    return rows
+
+
+def _size(size: int) -> str:
+    """Bytes as an operator reads them: 512 B, 12.3 KB, 4.5 MB (1 KB = 1024 bytes)."""
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.1f} KB"
+    return f"{size / 1024 / 1024:.1f} MB"
 
 
 def _render_recipients(recipients: list[RecipientResult]) -> RenderableType:

@@ -1,8 +1,10 @@
 """Build the RFC 5322 bytes of one job's message: the only place that makes MIME.
 
 The package by part: `headers` (addresses and header lines), `body`
-(text/plain or multipart/alternative, transfer encodings), `html_text` (the
-text alternative of an HTML-only message), `sanitize` (the one HTML rule).
+(text/plain or multipart/alternative, transfer encodings), `parts`
+(attachments: multipart/mixed and multipart/related, base64 parts, written
+into one buffer), `html_text` (the text alternative of an HTML-only
+message), `sanitize` (the one HTML rule).
 The message type itself is `mailqd.message.OutgoingMessage`, which the
 transports import without importing composition.
 
@@ -31,9 +33,12 @@ encoded, so every other message is plain ASCII.
 
 from __future__ import annotations
 
+import io
+from collections.abc import Sequence
 from datetime import datetime
 from email.utils import format_datetime
 
+from mailqd.attachments import Attachment
 from mailqd.compose.body import encode_body
 from mailqd.compose.headers import (
     CRLF,
@@ -47,6 +52,7 @@ from mailqd.compose.headers import (
     unstructured_header,
 )
 from mailqd.compose.html_text import html_to_text
+from mailqd.compose.parts import AttachmentBody
 from mailqd.errors import InvalidAddressError
 from mailqd.message import OutgoingMessage
 from mailqd.models import Job
@@ -82,6 +88,7 @@ def compose(
     message_id: str | None = None,
     now: datetime | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    attachments: Sequence[Attachment] = (),
 ) -> OutgoingMessage:
     """Turn a job into an `OutgoingMessage`, or raise `ValidationError` saying why not.
 
@@ -89,6 +96,10 @@ def compose(
     rendered before this), except that the html is sanitized. The
     Message-ID is, in order: the job's own, the one passed in, or one
     derived from the job id and the From domain.
+
+    `attachments` (checked by `mailqd.rules` before this) make a
+    multipart/mixed, with the inline ones beside the HTML in a
+    multipart/related (`mailqd.compose.parts`).
     """
     sender = sender_address(job.from_address or default_from)
     to = parse_address_list("recipient_to", job.recipient_to)
@@ -114,7 +125,11 @@ def compose(
     check_body_size("body", text, limits)
     check_body_size("html", html, limits)
     extra_headers = check_extra_headers(job.headers, limits)
-    content_headers, body = encode_body(text, html)
+    if attachments:
+        with_attachments = AttachmentBody(text, html, attachments)
+        content_headers = with_attachments.headers
+    else:
+        content_headers, body = encode_body(text, html)
     lines = [
         f"Date: {format_datetime(aware(now))}",
         address_header("From", [sender], "from_address"),
@@ -131,10 +146,17 @@ def compose(
     lines.extend(content_headers)
     smtputf8 = not all(a.envelope.isascii() for a in (sender, *to, *cc, *bcc, *reply_to))
     head = (CRLF.join(lines) + CRLF + CRLF).encode("utf-8" if smtputf8 else "ascii")
+    if attachments:  # one buffer, no copy of the whole message (`mailqd.compose.parts`)
+        out = io.BytesIO()
+        out.write(head)
+        with_attachments.write(out)
+        data = out.getvalue()
+    else:
+        data = head + body
     return OutgoingMessage(
         sender=sender.envelope,
         recipients=recipients,
-        data=head + body,
+        data=data,
         message_id=msg_id,
         smtputf8=smtputf8,
     )

@@ -18,7 +18,7 @@ from mailqd.compose.sanitize import sanitize_html
 from mailqd.errors import MissingContentError, ValidationError
 from mailqd.rules import MAX_LINE_LENGTH
 
-__all__ = ["encode_body"]
+__all__ = ["encode_body", "new_boundary"]
 
 QP_SHARE_LIMIT = 0.2  # above this share of 8-bit bytes, base64 beats quoted-printable
 
@@ -43,7 +43,7 @@ def encode_body(text: str | None, html: str | None) -> tuple[list[str], bytes]:
         text = text_of_html(html)
     text_headers, text_body = _encode_text_part(text, "plain")
     html_headers, html_body = _encode_text_part(html, "html")
-    boundary = _boundary(text_body, html_body)
+    boundary = new_boundary(text_body, html_body)
     delimiter = f"--{boundary}".encode("ascii")
     body = b"".join(
         (
@@ -62,7 +62,7 @@ def _part(headers: list[str], body: bytes) -> bytes:
     return (CRLF.join(headers) + CRLF + CRLF).encode("ascii") + body
 
 
-def _boundary(*parts: bytes) -> str:
+def new_boundary(*parts: bytes) -> str:
     """A random boundary; `=_` never occurs in quoted-printable or base64 output."""
     while True:
         boundary = f"=_mailqd_{os.urandom(12).hex()}"

@@ -14,12 +14,14 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
+from mailqd.attachments import Attachment
 from mailqd.compose import OutgoingMessage, compose
 from mailqd.config import Settings
 from mailqd.daemon.retry import BackoffPolicy
@@ -36,7 +38,7 @@ from mailqd.errors import (
 )
 from mailqd.logging import mask_address_list, mask_addresses_in
 from mailqd.models import Job, Outcome, RecipientResult, RecipientStatus
-from mailqd.rules import Limits
+from mailqd.rules import AttachmentLike, Limits, check_attachments
 from mailqd.rules.rows import check_claimed_row
 from mailqd.runtime import Runtime
 from mailqd.secrets import SecretBox, unseal_variables
@@ -51,6 +53,8 @@ __all__ = ["Deliverer", "SettledRecipients"]
 log = structlog.get_logger()
 
 _LOGGED_RECIPIENTS = 5
+_DESCRIBED_KEPT = 10_000
+_COMPOSED_IN_THREAD = 1024 * 1024
 _MEASURED = 1e-6
 """A delivery's `deferred` row always has a duration; the claim's (recipient cap) has 0."""
 
@@ -76,6 +80,14 @@ class SettledRecipients(Protocol):
     def settled(self, job_id: str) -> frozenset[str]: ...
 
 
+class JobAttachments(Protocol):
+    """Jobs' attachments (`Store.attachments`): described without content, or read whole."""
+
+    def describe_jobs(self, job_ids: Sequence[str]) -> Mapping[str, Sequence[AttachmentLike]]: ...
+
+    def for_job(self, job_id: str) -> list[Attachment]: ...
+
+
 class Deliverer:
     """Runs attempts for one worker (`owner`), by the settings' retry and composition rules.
 
@@ -84,6 +96,8 @@ class Deliverer:
     `runtime` gives the parts built once from the settings (backoff, limits,
     DKIM signer, render budget, and the secrets box unless `secrets` is
     given); without it they are built here, for a deliverer made in-process.
+    `attachments` is where a job's attachments are read (without it, jobs
+    are sent without them).
     """
 
     def __init__(
@@ -96,11 +110,14 @@ class Deliverer:
         secrets: SecretBox | None = None,
         runtime: Runtime | None = None,
         ledger: SettledRecipients | None = None,
+        attachments: JobAttachments | None = None,
     ):
         self._settings = settings
         self._owner = owner
         self._templates = templates
         self._ledger = ledger
+        self._attachments = attachments
+        self._described: dict[str, asyncio.Future[Mapping[str, Sequence[AttachmentLike]]]] = {}
         self._lifetime = timedelta(seconds=settings.queue_lifetime)
         if runtime is None:
             self._policy = policy or BackoffPolicy.from_settings(settings)
@@ -120,10 +137,11 @@ class Deliverer:
         attempt = self._begin(job)
         verdict = self._refuse_before_sending(attempt)
         if verdict is not None:
+            self._described.pop(job.id, None)
             return self._finish(attempt, verdict)
         try:
-            message = self._compose(await self._content(job))
-        except TransientDeliveryError as exc:  # the template could not be read now
+            message = await self._message(job)
+        except TransientDeliveryError as exc:  # the template or attachments could not be read
             return self._finish(attempt, self._after_error(attempt, exc, None))
         except ValidationError as exc:
             return self._finish(attempt, self._failed(attempt, f"cannot compose message: {exc}"))
@@ -152,6 +170,41 @@ class Deliverer:
         return self._finish(
             attempt, self._sent(attempt, result, message, message.recipients != full)
         )
+
+    def describe_claimed(self, job_ids: Sequence[str]) -> None:
+        """Start learning a claim batch's attachments: one `describe_jobs` for the batch.
+
+        Called when a batch is claimed (`Worker._start`). Each job's attempt
+        then waits for that one answer: a job without attachments is sent
+        with no lookup of its own (one query a batch instead of one a job:
+        figures in docs/performance.md, "Attachments"), one with some is
+        checked on its description (sizes, count, names) before its
+        content is read. A job not described, or whose description could
+        not be read, is looked up with its content. Entries are dropped as
+        their jobs are delivered; those of jobs released unsent are
+        forgotten past `_DESCRIBED_KEPT`.
+        """
+        if self._attachments is None or not job_ids:
+            return
+        if len(self._described) > _DESCRIBED_KEPT:
+            self._described.clear()
+        lookup = asyncio.ensure_future(
+            asyncio.to_thread(self._attachments.describe_jobs, list(job_ids))
+        )
+        lookup.add_done_callback(_retrieve)
+        for job_id in job_ids:
+            self._described[job_id] = lookup
+
+    async def _description(self, job_id: str) -> Sequence[AttachmentLike] | None:
+        """The job's attachments as its claim batch described them; None if not known."""
+        lookup = self._described.pop(job_id, None)
+        if lookup is None:
+            return None
+        try:  # shielded: one attempt cancelled must not cancel its batch's lookup
+            described = await asyncio.shield(lookup)
+        except StoreError:
+            return None
+        return described.get(job_id)
 
     def crashed(self, job: Job, exc: Exception) -> Completion:
         """The outcome for an attempt that died of a bug in mailqd itself.
@@ -273,7 +326,44 @@ class Deliverer:
             html=job.html if rendered.html is None else rendered.html,
         )
 
-    def _compose(self, job: Job) -> OutgoingMessage:
+    async def _message(self, job: Job) -> OutgoingMessage:
+        """The composed (and signed) message; the attachments are let go once it is built.
+
+        With more than `_COMPOSED_IN_THREAD` bytes of attachments, composing
+        and signing (some 10 ms a MB) run in a thread, so the worker's other
+        sends and its lease renewals are not held up while they do.
+        """
+        content = await self._content(job)
+        attachments = await self._read_attachments(job)
+        if sum(len(a.content) for a in attachments) > _COMPOSED_IN_THREAD:
+            return await asyncio.to_thread(self._compose, content, attachments)
+        return self._compose(content, attachments)
+
+    async def _read_attachments(self, job: Job) -> Sequence[Attachment]:
+        """The job's attachments, read in a thread and checked again by the rules.
+
+        Checked again because a row inserted with plain SQL never went
+        through the client: one that breaks the rules (too large, too many,
+        a name with a path) fails the job, naming the field. A store that
+        cannot be read now retries the job. A job its claim batch described
+        as having none is not looked up (`describe_claimed`).
+        """
+        if self._attachments is None:
+            return ()
+        described = await self._description(job.id)
+        if described is not None and not described:
+            return ()
+        if described is not None:
+            check_attachments(described, self._limits)  # before reading megabytes
+        try:
+            found = await asyncio.to_thread(self._attachments.for_job, job.id)
+        except StoreError as exc:
+            raise TransientDeliveryError(f"cannot read the attachments: {exc}") from None
+        if found:
+            check_attachments(found, self._limits)
+        return found
+
+    def _compose(self, job: Job, attachments: Sequence[Attachment] = ()) -> OutgoingMessage:
         """Build the message; a row whose JSON columns hold the wrong types is refused here.
 
         The Message-ID is the job's own if it has one, else derived from the
@@ -285,7 +375,12 @@ class Deliverer:
             raise ValidationError(
                 "headers", f"must be a JSON object, not {type(job.headers).__name__}"
             )
-        message = compose(job, default_from=self._settings.from_address, limits=self._limits)
+        message = compose(
+            job,
+            default_from=self._settings.from_address,
+            limits=self._limits,
+            attachments=attachments,
+        )
         if self._signer is None:
             return message
         return dataclasses.replace(message, data=self._signer.sign(message.data))
@@ -426,6 +521,12 @@ class Deliverer:
     def _finish(self, attempt: _Attempt, completion: Completion) -> Completion:
         _log_attempt(attempt, completion)
         return completion
+
+
+def _retrieve(lookup: asyncio.Future[Any]) -> None:
+    """Mark a batch lookup's error as seen: its jobs fall back to their own lookup."""
+    if not lookup.cancelled():
+        lookup.exception()
 
 
 def _describe_acceptance(result: SendResult) -> str | None:

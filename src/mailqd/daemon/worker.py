@@ -121,6 +121,7 @@ class Worker:
             templates=TemplateCache(store),
             runtime=runtime,
             ledger=store.recipient_ledger,
+            attachments=getattr(store, "attachments", None),  # a stand-in store may have none
         )
         self._metrics = metrics
         self._screen_rules = runtime.screening
@@ -338,6 +339,7 @@ class Worker:
             await self._listener.wait_connected()
 
     def _start(self, jobs: Sequence[Job]) -> list[asyncio.Task[Completion]]:
+        self._deliverer.describe_claimed([job.id for job in jobs])
         tasks = []
         for job in jobs:
             transport = WatchedTransport(self._slots.take())

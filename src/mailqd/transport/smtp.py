@@ -113,6 +113,7 @@ class SmtpTransport:
         self._reader: ReplyReader | None = None
         self._pipelined = False
         self._offers: frozenset[str] = frozenset()
+        self._size_limit: int | None = None  # the server's SIZE (RFC 1870), if it gave one
         self._stale = False  # the last failure says the reused connection was dead already
         self._sending = False
         self._content_sent = False  # this send wrote its content (after DATA's 354)
@@ -251,6 +252,7 @@ class SmtpTransport:
             raise ConnectionClosed("connection lost after set-up")
         offers = self._client.supports_extension
         self._offers = frozenset(e for e in ("size", "8bitmime", "smtputf8") if offers(e))
+        self._size_limit = _advertised_size(self._client.esmtp_extensions.get("size"))
         self._pipelined = settings.pipelining and offers("pipelining")
         self._reader = ReplyReader(transport)
         return self._reader
@@ -296,6 +298,11 @@ class SmtpTransport:
 
     def _mail_options(self, payload: bytes, smtputf8: bool) -> list[str]:
         offers = self._offers
+        if self._size_limit is not None and len(payload) > self._size_limit:
+            raise PermanentDeliveryError(
+                f"SMTP {self._server}: the message is {len(payload)} bytes, larger than the "
+                f"{self._size_limit} bytes the server accepts (its SIZE)"
+            )
         options = [f"SIZE={len(payload)}"] if "size" in offers else []
         if "8bitmime" in offers and not payload.isascii():
             options.append("BODY=8BITMIME")
@@ -425,6 +432,13 @@ class SmtpTransport:
             with contextlib.suppress(ReplyError):
                 self._reader.send(b"QUIT\r\n", 1)
         self._drop()
+
+
+def _advertised_size(value: str | None) -> int | None:
+    """The SIZE limit an EHLO advertised; None for none, no number, or 0 (no limit)."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value) or None
 
 
 def _relay_reason(exc: Exception, phase: _Phase, code: int | None) -> str | None:
