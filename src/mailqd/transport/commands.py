@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["data_payload", "mail_line", "rcpt_line"]
+__all__ = ["data_parts", "data_payload", "mail_line", "rcpt_line"]
 
 _LINE_ENDING = re.compile(rb"\r\n|\r|\n")
 _LEADING_DOT = re.compile(rb"^\.", re.MULTILINE)
@@ -41,11 +41,20 @@ def _mailbox(address: str, smtputf8: bool = False) -> bytes:
 
 def data_payload(data: bytes) -> bytes:
     """The DATA content as sent: CRLF line endings, dot-stuffed, ending in `.` CRLF."""
+    return b"".join(data_parts(data))
+
+
+def data_parts(data: bytes) -> tuple[bytes, bytes]:
+    """The DATA content as sent, in two writes: the content and the terminator.
+
+    The content is `data` itself, not a copy, when it needs nothing changed
+    (CRLF line endings, no line starting with `.`), which is what mailqd's
+    composer writes: a 20 MB attachment's message is not copied once more
+    to append the final `.`.
+    """
     crlf = data.count(b"\r\n")
     if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
         data = _LINE_ENDING.sub(b"\r\n", data)
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
     if data.startswith(b".") or b"\n." in data:
         data = _LEADING_DOT.sub(b"..", data)
-    return data + b".\r\n"
+    return data, b".\r\n" if data.endswith(b"\r\n") else b"\r\n.\r\n"

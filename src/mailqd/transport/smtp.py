@@ -59,7 +59,7 @@ from mailqd.errors import (
 )
 from mailqd.message import OutgoingMessage
 from mailqd.transport.base import SendResult
-from mailqd.transport.commands import data_payload, mail_line, rcpt_line
+from mailqd.transport.commands import data_parts, mail_line, rcpt_line
 from mailqd.transport.failures import Refused, describe, server_reply
 from mailqd.transport.redaction import ReplyCleaner
 from mailqd.transport.replies import (
@@ -189,7 +189,7 @@ class SmtpTransport:
             reader = self._reader
             if reader is None or not reader.usable:
                 reader = await self._open()
-            payload = data_payload(message.data)
+            payload = data_parts(message.data)
             self._phase = _Phase.MAIL
             options = self._mail_options(payload, message.smtputf8)
             refused = await self._envelope(reader, message, options)
@@ -296,15 +296,17 @@ class SmtpTransport:
     def _tls_active(self) -> bool:
         return self._client.get_transport_info("sslcontext") is not None
 
-    def _mail_options(self, payload: bytes, smtputf8: bool) -> list[str]:
+    def _mail_options(self, payload: tuple[bytes, bytes], smtputf8: bool) -> list[str]:
         offers = self._offers
-        if self._size_limit is not None and len(payload) > self._size_limit:
+        content, terminator = payload
+        size = len(content) + len(terminator)
+        if self._size_limit is not None and size > self._size_limit:
             raise PermanentDeliveryError(
-                f"SMTP {self._server}: the message is {len(payload)} bytes, larger than the "
+                f"SMTP {self._server}: the message is {size} bytes, larger than the "
                 f"{self._size_limit} bytes the server accepts (its SIZE)"
             )
-        options = [f"SIZE={len(payload)}"] if "size" in offers else []
-        if "8bitmime" in offers and not payload.isascii():
+        options = [f"SIZE={size}"] if "size" in offers else []
+        if "8bitmime" in offers and not content.isascii():
             options.append("BODY=8BITMIME")
         if smtputf8:
             if "smtputf8" not in offers:
@@ -356,9 +358,11 @@ class SmtpTransport:
             reader.send(command, 1)
         return await reader.reply(self._settings.timeouts.command)
 
-    async def _send_content(self, reader: ReplyReader, payload: bytes) -> Reply:
+    async def _send_content(self, reader: ReplyReader, payload: tuple[bytes, bytes]) -> Reply:
         """Write the content after DATA's 354; from then on, a failure is ambiguous."""
-        reader.send(payload, 1)
+        content, terminator = payload
+        reader.send(content, 0)
+        reader.send(terminator, 1)
         self._phase = _Phase.DATA_SENT
         self._content_sent = True
         reply = await reader.reply(self._settings.timeouts.data)
