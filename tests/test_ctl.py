@@ -29,7 +29,7 @@ from ctl_process import (
     ok_json,
 )
 from mailqd.cli.ctl import cli
-from mailqd.models import Job, Outcome, Status
+from mailqd.models import JOB_COLUMNS, Job, Outcome, Status
 from mailqd.store import Completion, Store
 from mailqd.validation import build_job
 
@@ -213,7 +213,7 @@ def test_show_prints_every_field_the_body_and_the_attempts(store: Store, db_url:
     )
     document = ok_json(as_json)
     assert set(document) == {"job", "attachments", "recipients", "attempts"}
-    assert set(document["job"]) == set(Job.__slots__)
+    assert set(document["job"]) == set(JOB_COLUMNS)
     job = document["job"]
     assert (job["id"], job["status"], job["attempts"]) == (job_id, "pending", 0)
     assert job["recipient_to"] == "Alice <alice@example.com>"

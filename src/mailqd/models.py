@@ -102,6 +102,12 @@ class Job:
     created_at: datetime
     updated_at: datetime
     sent_at: datetime | None
+    has_attachments: bool | None = None
+    """Not a column: whether the claim found attachments for it (None when not asked)."""
+
+
+JOB_COLUMNS = tuple(name for name in Job.__slots__ if name != "has_attachments")
+"""The `email_queue` columns a `Job` carries."""
 
 
 @dataclass(frozen=True, slots=True)

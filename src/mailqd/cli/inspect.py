@@ -31,7 +31,15 @@ from mailqd.cli.output import (
     truncate,
 )
 from mailqd.config import Settings
-from mailqd.models import Attempt, Job, QueueStats, RecipientResult, Status, WindowStats
+from mailqd.models import (
+    JOB_COLUMNS,
+    Attempt,
+    Job,
+    QueueStats,
+    RecipientResult,
+    Status,
+    WindowStats,
+)
 from mailqd.store import Store
 from mailqd.store.attachments import AttachmentInfo
 from mailqd.store.ratelimit import RateLimits
@@ -400,7 +408,7 @@ def _attachment_document(info: AttachmentInfo) -> dict[str, Any]:
 
 def job_document(job: Job) -> dict[str, Any]:
     """Every column of the job, under its column name."""
-    return {name: getattr(job, name) for name in Job.__slots__}
+    return {name: getattr(job, name) for name in JOB_COLUMNS}
 
 
 def _recipient_document(result: RecipientResult) -> dict[str, Any]:
@@ -440,7 +448,7 @@ def _render_job(
     now = datetime.now(UTC)
     fields = [
         (name, _field_text(getattr(job, name), now))
-        for name in Job.__slots__
+        for name in JOB_COLUMNS
         if name not in _LONG_FIELDS
     ]
     if job.max_attempts is None:

@@ -348,7 +348,7 @@ class Deliverer:
         cannot be read now retries the job. A job its claim batch described
         as having none is not looked up (`describe_claimed`).
         """
-        if self._attachments is None:
+        if self._attachments is None or job.has_attachments is False:
             return ()
         described = await self._description(job.id)
         if described is not None and not described:

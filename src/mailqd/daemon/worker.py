@@ -339,7 +339,9 @@ class Worker:
             await self._listener.wait_connected()
 
     def _start(self, jobs: Sequence[Job]) -> list[asyncio.Task[Completion]]:
-        self._deliverer.describe_claimed([job.id for job in jobs])
+        # Only jobs the claim did not say are without attachments (it says on both
+        # databases; a row read one by one after a driver refusal says nothing).
+        self._deliverer.describe_claimed([j.id for j in jobs if j.has_attachments is not False])
         tasks = []
         for job in jobs:
             transport = WatchedTransport(self._slots.take())

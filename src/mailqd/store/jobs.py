@@ -18,6 +18,7 @@ import sqlalchemy as sa
 
 from mailqd.models import Outcome, Status
 from mailqd.store import rows, screening
+from mailqd.store.attachment_tables import email_attachments
 from mailqd.store.completion import Completion
 from mailqd.store.database import Database
 from mailqd.store.schema import UNLEASED, add_seconds, utcnow
@@ -56,8 +57,13 @@ def _claim_statement(at: sa.ColumnElement[datetime], *, rowids: bool = False) ->
             lease_expires_at=add_seconds(at, sa.bindparam("b_lease", type_=sa.Float)),
             updated_at=at,
         )
-        .returning(*((rows.ROWID,) if rowids else q.c))
+        .returning(*((rows.ROWID,) if rowids else (*q.c, HAS_ATTACHMENTS)))
     )
+
+
+HAS_ATTACHMENTS = sa.exists().where(email_attachments.c.job_id == q.c.id).label("has_attachments")
+"""In the claim's RETURNING: which claimed jobs have attachments, so the worker looks up
+only those (an index probe per row, no round trip)."""
 
 
 # The worker's hot statement, built once: constructing it (and its cache

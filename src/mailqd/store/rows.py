@@ -36,7 +36,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailqd.models import Job, Outcome, Status
+from mailqd.models import JOB_COLUMNS, Job, Outcome, Status
 from mailqd.store.schema import (
     JSONValue,
     Unreadable,
@@ -168,9 +168,11 @@ def _problem(values: Sequence[Any], strict: bool) -> tuple[str, str] | None:
 
 def job_from_row(row: sa.Row[Any]) -> Job:
     values = row._mapping
+    flag = values.get("has_attachments")
     return Job(
-        **{name: values[name] for name in Job.__slots__ if name != "status"},
+        **{name: values[name] for name in JOB_COLUMNS if name != "status"},
         status=Status(values["status"]),
+        has_attachments=None if flag is None else bool(flag),
     )
 
 
@@ -265,7 +267,7 @@ def _leniently(conn: sa.Connection, job_id: str) -> Job:
         except Exception:
             values[column.name] = None if column.nullable else _PLACEHOLDER.get(column.name)
     return Job(
-        **{name: values[name] for name in Job.__slots__ if name != "status"},
+        **{name: values[name] for name in JOB_COLUMNS if name != "status"},
         status=Status(values["status"]),
     )
 
