@@ -145,7 +145,11 @@ class RelayBoard:
             return
         limiter = self._limiters[relay]
         want = max(1, int(limiter.rate / 10))
-        granted = await limiter.acquire(want, self._never)
+        try:
+            granted = await limiter.acquire(want, self._never)
+        except StoreError:  # the bucket cannot be read: send, rather than fail the message
+            self._log.debug("relay rate-limit bucket unavailable", relay=relay)
+            return
         self._tokens[relay] = granted - 1
 
     async def _take_probe(self, relay: str) -> bool:
