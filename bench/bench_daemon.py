@@ -880,7 +880,7 @@ def print_profile(result: Throughput, top: int = 25) -> None:
 # Frames on nearly every worker sample, between the process's start and the event loop.
 _ROOT_FRAMES = re.compile(
     r"mailqd/(cli/|__main__|daemon/(supervisor|processes)\.py)"
-    r"|mailqd/daemon/worker\.py:(run_worker|_serve|Worker\.run)$"
+    r"|mailqd/daemon/worker(_process)?\.py:(run_worker|_serve|Worker\.run)$"
 )
 _FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 

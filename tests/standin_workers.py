@@ -1,6 +1,6 @@
 """Stand-in worker entry functions, for supervisor tests that need a worker to misbehave.
 
-Each has the signature of `mailqd.daemon.worker.run_worker`. They are run in
+Each has the signature of `mailqd.daemon.worker_process.run_worker`. They are run in
 a real supervisor process started by `daemon_process.start_supervisor`
 (`python -c` around `mailqd.cli.daemon.run_daemon`), so the whole start-up
 path is the real one and only the worker's body is replaced.

@@ -31,7 +31,8 @@ from mailqd.compose import OutgoingMessage
 from mailqd.config import Settings
 from mailqd.daemon.heartbeat import Heartbeat, WorkerIdentity
 from mailqd.daemon.retry import BackoffPolicy
-from mailqd.daemon.worker import BatchResult, Worker, run_worker
+from mailqd.daemon.worker import BatchResult, Worker
+from mailqd.daemon.worker_process import run_worker
 from mailqd.errors import ConfigError
 from mailqd.logging import configure_logging, mask_address, mask_addresses_in
 from mailqd.models import Outcome, Status

@@ -118,7 +118,7 @@ log = structlog.get_logger(component="supervisor")
 class Supervisor:
     """Forks and watches the worker processes; see the module docstring for the behaviour.
 
-    `worker_entry` defaults to `mailqd.daemon.worker.run_worker`; tests pass
+    `worker_entry` defaults to `mailqd.daemon.worker_process.run_worker`; tests pass
     stand-ins. `load_settings` re-reads the configuration on SIGHUP (without
     it, SIGHUP restarts the workers with the same settings). `runtime` is the
     one already built from `settings` (else `run` builds it). `notify_socket`
@@ -225,7 +225,7 @@ class Supervisor:
     def _resolve_worker_entry(self) -> None:
         """The real worker is imported here, in the parent, once: not by every child."""
         if self._worker_entry is None:
-            from mailqd.daemon.worker import run_worker
+            from mailqd.daemon.worker_process import run_worker
 
             self._worker_entry = run_worker
 
