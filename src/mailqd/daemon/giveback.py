@@ -9,6 +9,7 @@ database), and a forked child forgets them without closing them.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -30,15 +31,53 @@ RESCUE_BATCH = 1000
 log = structlog.get_logger(component="supervisor")
 
 
+class StoresByUrl:
+    """Stores made lazily, one per database URL, in the supervisor process.
+
+    After a reload that changes `database_url`, the old generation's jobs
+    still live in the old database, so a store is kept per URL; a forked
+    child forgets them without closing them. `open_store` defaults to
+    this module's (connection attempts that give up after a few seconds).
+    """
+
+    def __init__(self, open_store: Callable[[str], Store] | None = None) -> None:
+        self._open = open_store
+        self._stores: dict[str, Store] = {}
+
+    def get(self, url: str) -> Store:
+        store = self._stores.get(url)
+        if store is None:
+            store = self._stores[url] = (self._open or open_store)(url)
+        return store
+
+    def close(self) -> None:
+        for store in self._stores.values():
+            store.close()
+        self._stores.clear()
+
+    def forget_after_fork(self) -> None:
+        """In a freshly forked child: the parent's pooled connections must not be used or closed."""
+        for store in self._stores.values():
+            store.forget_after_fork()
+        self._stores.clear()
+
+
 class SupervisorStores:
-    """One store per database URL, used by the supervisor process only."""
+    """The supervisor's calls to the store: the schema check and dead workers' jobs."""
 
     def __init__(self) -> None:
-        self._stores: dict[str, Store] = {}
+        self._stores = StoresByUrl()
+
+    def close(self) -> None:
+        self._stores.close()
+
+    def forget_after_fork(self) -> None:
+        """In a freshly forked child: the parent's pooled connections must not be used or closed."""
+        self._stores.forget_after_fork()
 
     def check_database(self, url: str) -> str:
         """The schema revision, or `StoreError` if the database cannot be used by the workers."""
-        return self._store(url).check_schema()
+        return self._stores.get(url).check_schema()
 
     def give_back(
         self, url: str, owner: str, exit_code: int | None = None, *, killed: bool = False
@@ -52,7 +91,7 @@ class SupervisorStores:
         """
         reason = death_of(owner, exit_code, killed=killed)
         try:
-            store = self._store(url)
+            store = self._stores.get(url)
             rescued = store.rescue(owner=owner, reason=reason, limit=RESCUE_BATCH)
             total = len(rescued)
             while len(rescued) == RESCUE_BATCH:
@@ -66,23 +105,6 @@ class SupervisorStores:
             )
             return None
         return total
-
-    def close(self) -> None:
-        for store in self._stores.values():
-            store.close()
-        self._stores.clear()
-
-    def forget_after_fork(self) -> None:
-        """In a freshly forked child: the parent's pooled connections must not be used or closed."""
-        for store in self._stores.values():
-            store.forget_after_fork()
-        self._stores.clear()
-
-    def _store(self, url: str) -> Store:
-        store = self._stores.get(url)
-        if store is None:
-            store = self._stores[url] = open_store(url)
-        return store
 
 
 def death_of(owner: str, exit_code: int | None, *, killed: bool = False) -> str:

@@ -212,12 +212,9 @@ class RelaySync:
         interval: float = POLL_INTERVAL,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if open_store is None:
-            from mailqd.daemon.giveback import open_store as default_open
+        from mailqd.daemon.giveback import StoresByUrl
 
-            open_store = default_open
-        self._open_store: Callable[[str], Store] = open_store
-        self._stores: dict[str, Store] = {}
+        self._stores = StoresByUrl(open_store)
         self._interval = interval
         self._clock = clock
         self._next_poll = 0.0
@@ -281,7 +278,7 @@ class RelaySync:
             return False
         self._next_poll = now + self._interval
         try:
-            version = self._store(database_url).relay_registry.version()
+            version = self._stores.get(database_url).relay_registry.version()
         except MailqError as exc:
             if not self._poll_failing:
                 log.warning("cannot look at the relays in the database", error=str(exc))
@@ -295,7 +292,7 @@ class RelaySync:
 
     def _read(self, settings: Settings) -> list[DatabaseRelay]:
         try:
-            store = self._store(settings.database_url)
+            store = self._stores.get(settings.database_url)
             version = store.relay_registry.version()
             box = load_secret_box(settings.secrets_key_file)
             found = _read(store, box, _shared_password(settings), "mailqd supervisor")
@@ -317,22 +314,12 @@ class RelaySync:
         self._good = {relay.name: relay for relay in relays}
         return relays
 
-    def _store(self, url: str) -> Store:
-        store = self._stores.get(url)
-        if store is None:
-            store = self._stores[url] = self._open_store(url)
-        return store
-
     def close(self) -> None:
-        for store in self._stores.values():
-            store.close()
-        self._stores.clear()
+        self._stores.close()
 
     def forget_after_fork(self) -> None:
         """In a forked worker: the parent's pooled connections must not be used or closed."""
-        for store in self._stores.values():
-            store.forget_after_fork()
-        self._stores.clear()
+        self._stores.forget_after_fork()
 
     @property
     def relays(self) -> Mapping[str, DatabaseRelay]:
