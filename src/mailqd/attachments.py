@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_CONTENT_TYPE", "Attachment"]
+__all__ = ["DEFAULT_CONTENT_TYPE", "Attachment", "content_type_of"]
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
@@ -79,8 +79,12 @@ class Attachment:
 
     @property
     def resolved_content_type(self) -> str:
-        """The given content type, else the one the file name suggests, else octet-stream."""
-        if self.content_type:
-            return self.content_type
-        guessed, _ = mimetypes.guess_type(self.filename, strict=False)
-        return guessed or DEFAULT_CONTENT_TYPE
+        return content_type_of(self.filename, self.content_type)
+
+
+def content_type_of(filename: str, content_type: str | None) -> str:
+    """The given content type, else the one the file name suggests, else octet-stream."""
+    if content_type:
+        return content_type
+    guessed, _ = mimetypes.guess_type(filename, strict=False)
+    return guessed or DEFAULT_CONTENT_TYPE

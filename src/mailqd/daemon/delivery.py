@@ -259,12 +259,13 @@ class Deliverer:
             return self._completion(
                 attempt, Outcome.EXPIRED, error=f"expired at {job.expires_at.isoformat()}"
             )
-        if self._past_lifetime(job):
+        if self._past_lifetime(job, job.updated_at):
             return self._completion(attempt, Outcome.EXPIRED, error=self._lifetime_error(job))
         return None
 
-    def _past_lifetime(self, job: Job) -> bool:
-        return job.created_at + self._lifetime <= job.updated_at
+    def _past_lifetime(self, job: Job, at: datetime) -> bool:
+        """Queued longer than `queue_lifetime` at `at` (the claim's time, or now)."""
+        return job.created_at + self._lifetime <= at
 
     def _lifetime_error(self, job: Job) -> str:
         days = self._settings.queue_lifetime / 86400
@@ -436,7 +437,7 @@ class Deliverer:
         """The relay failed, not the message: pending again, no attempt used, until the
         route's next probe (`exc.retry_after`); expired once past `queue_lifetime`."""
         job = attempt.job
-        if job.created_at + self._lifetime <= datetime.now(UTC):
+        if self._past_lifetime(job, datetime.now(UTC)):
             expired = dataclasses.replace(job, last_error=str(exc))
             return self._completion(
                 attempt, Outcome.EXPIRED, error=self._lifetime_error(expired), message_id=message_id

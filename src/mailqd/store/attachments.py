@@ -30,7 +30,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from mailqd.attachments import DEFAULT_CONTENT_TYPE, Attachment
+from mailqd.attachments import Attachment, content_type_of
 from mailqd.errors import DatabaseUnavailableError
 from mailqd.store.attachment_tables import blobs as b
 from mailqd.store.attachment_tables import email_attachments as ea
@@ -71,12 +71,7 @@ class AttachmentInfo:
     @property
     def resolved_content_type(self) -> str:
         """As `Attachment.resolved_content_type`: given, else guessed from the name."""
-        if self.content_type:
-            return self.content_type
-        import mimetypes
-
-        guessed, _ = mimetypes.guess_type(self.filename, strict=False)
-        return guessed or DEFAULT_CONTENT_TYPE
+        return content_type_of(self.filename, self.content_type)
 
 
 def sha256_hex(content: bytes) -> str:
